@@ -1,0 +1,302 @@
+"""The Engine on one dedicated thread, fed from asyncio.
+
+    event loop (HTTP)                          engine thread
+    generate() --- ("add", ...) ------------>  drain commands: add / abort / call(fn)
+               <-- accepted | error ---------  (one call_soon_threadsafe per drain)
+               <-- StepOutputs of one step --  engine.step()   (one call_soon_threadsafe per step)
+    cancel ------- ("abort", ids) ---------->
+    call(fn) ----- ("call", fn, Future) ---->  fn(engine) between two steps -> Future
+
+The engine thread blocks on its command queue while there is no work and never waits for the
+event loop: results go out through loop.call_soon_threadsafe, which only appends to a deque.
+The engine itself is built on this thread too; until then `ready` is False.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from slserve.config import EngineConfig
+from slserve.engine import Engine
+from slserve.outputs import StepOutput
+from slserve.request import Request, Status
+from slserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class QueueFull(RuntimeError):
+    """More requests wait for admission than config.max_queue allows (HTTP 429)."""
+
+
+class EngineNotReady(RuntimeError):
+    """The engine is still being built, or failed to build, or is shut down (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class GenerateItem:
+    """One engine request: a prompt (text or token ids), its sampling settings and adapter."""
+
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    adapter: str | None = None
+
+
+class _Accepted:
+    """Queue marker: every engine request of a stream was added."""
+
+
+_ACCEPTED = _Accepted()
+_STOP = ("stop",)
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, engine_factory: Callable[[EngineConfig], Engine] = Engine):
+        self.config = config
+        self._factory = engine_factory
+        self._engine: Engine | None = None
+        self._commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="slserve-engine", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._done = threading.Event()  # built or failed
+        self.error: BaseException | None = None
+        self._stopped = False
+        # Requests not yet admitted by the scheduler: counted on the loop thread when submitted,
+        # discounted on the engine thread when admitted, refused, aborted or failed.
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
+        # Engine-thread state.
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._unadmitted: OrderedDict[str, Request] = OrderedDict()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start the engine thread; the engine is built there (see `ready`, `wait_ready`)."""
+        self._loop = loop or asyncio.get_running_loop()
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and not self._stopped
+
+    @property
+    def engine(self) -> Engine:
+        """The engine, for its read-only attributes (tokenizer, model_name, max_model_len).
+        Never call its methods from another thread: use `call`."""
+        if not self.ready:
+            raise EngineNotReady(self.not_ready_reason())
+        assert self._engine is not None
+        return self._engine
+
+    def not_ready_reason(self) -> str:
+        if self.error is not None:
+            return f"the engine failed to start: {type(self.error).__name__}: {self.error}"
+        if self._stopped:
+            return "the server is shutting down"
+        return "the model is still loading"
+
+    async def wait_ready(self) -> bool:
+        """True once the engine is built, False if building it failed."""
+        await asyncio.get_running_loop().run_in_executor(None, self._done.wait)
+        return self._ready.is_set()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopped = True
+        if self._thread.is_alive():
+            self._commands.put(_STOP)
+            self._thread.join(timeout)
+
+    # -- requests --------------------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        adapter: str | None = None,
+        request_id: str = "req",
+    ) -> AsyncIterator[StepOutput]:
+        """Stream one request's StepOutputs; aborts it if the consumer stops early."""
+        async for _, out in self.generate_many([GenerateItem(request_id, prompt, params, adapter)]):
+            yield out
+
+    async def generate_many(self, items: Sequence[GenerateItem]) -> AsyncIterator[tuple[int, StepOutput]]:
+        """Stream (index into items, StepOutput) for several requests added together (n > 1).
+
+        All are added or none: the first RequestError is raised before anything is yielded.
+        Leaving the iteration early (client gone, task cancelled) aborts what is unfinished, which
+        frees its pages.
+        """
+        if not self.ready:
+            raise EngineNotReady(self.not_ready_reason())
+        n = len(items)
+        with self._waiting_lock:
+            if self._waiting + n > self.config.max_queue:
+                raise QueueFull(
+                    f"the server's queue is full ({self.config.max_queue} requests waiting); retry later"
+                )
+            self._waiting += n
+        index = {item.request_id: i for i, item in enumerate(items)}
+        unfinished = set(index)
+        out_queue: asyncio.Queue = asyncio.Queue()
+        self._commands.put(("add", list(items), out_queue))
+        try:
+            first = await out_queue.get()
+            if isinstance(first, BaseException):
+                unfinished.clear()
+                raise first
+            while unfinished:
+                out = await out_queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                if out.finished:
+                    unfinished.discard(out.request_id)
+                yield index[out.request_id], out
+        finally:
+            if unfinished:
+                self._commands.put(("abort", list(unfinished)))
+
+    async def call(self, fn: Callable[[Engine], T]) -> T:
+        """Run fn(engine) on the engine thread between two steps and return its result."""
+        if not self.ready:
+            raise EngineNotReady(self.not_ready_reason())
+        future: Future = Future()
+        self._commands.put(("call", fn, future))
+        return await asyncio.wrap_future(future)
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.call(lambda e: e.stats())
+
+    # -- the engine thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._engine = self._factory(self.config)
+        except BaseException as e:  # reported through /health and the server's exit status
+            logger.exception("building the engine failed")
+            self.error = e
+            self._done.set()
+            return
+        self._ready.set()
+        self._done.set()
+        engine = self._engine
+        logger.info("engine ready: %s", engine.model_name)
+        try:
+            while True:
+                # Block only when there is nothing to step; then take whatever else is queued.
+                commands = [] if engine.has_unfinished() else [self._commands.get()]
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        commands.append(self._commands.get_nowait())
+                if _STOP in commands:
+                    self._fail_all(EngineNotReady("the server is shutting down"))
+                    break
+                if commands:
+                    self._post(self._handle(engine, commands))
+                if engine.has_unfinished():
+                    self._post(self._step(engine))
+        except BaseException as e:
+            logger.exception("the engine loop died")
+            self.error = e
+            self._fail_all(e)
+        finally:
+            self._ready.clear()
+            self._stopped = True
+            with contextlib.suppress(Exception):
+                engine.close()
+
+    def _handle(self, engine: Engine, commands: list[tuple]) -> list[tuple[asyncio.Queue, Any]]:
+        posts: list[tuple[asyncio.Queue, Any]] = []
+        for cmd in commands:
+            kind = cmd[0]
+            if kind == "add":
+                posts.append((cmd[2], self._add(engine, cmd[1], cmd[2])))
+            elif kind == "abort":
+                for rid in cmd[1]:
+                    self._queues.pop(rid, None)
+                    if self._unadmitted.pop(rid, None) is not None:
+                        self._discount(1)
+                    engine.abort(rid)
+            elif kind == "call":
+                _, fn, future = cmd
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(engine))
+                    except BaseException as e:
+                        future.set_exception(e)
+        return posts
+
+    def _add(self, engine: Engine, items: list[GenerateItem], out_queue: asyncio.Queue) -> Any:
+        added: list[Request] = []
+        try:
+            for item in items:
+                added.append(engine.add_request(item.prompt, item.params, item.adapter, item.request_id))
+        except Exception as e:
+            for req in added:
+                engine.abort(req.request_id)
+            self._discount(len(items))
+            return e
+        for req in added:
+            self._queues[req.request_id] = out_queue
+            self._unadmitted[req.request_id] = req
+        return _ACCEPTED
+
+    def _step(self, engine: Engine) -> list[tuple[asyncio.Queue, Any]]:
+        outputs = engine.step()
+        admitted = 0
+        # The scheduler admits first come first served, so admitted requests leave from the front.
+        while self._unadmitted:
+            rid, req = next(iter(self._unadmitted.items()))
+            if req.status is Status.WAITING:
+                break
+            del self._unadmitted[rid]
+            admitted += 1
+        self._discount(admitted)
+        posts = []
+        for out in outputs:
+            q = self._queues.pop(out.request_id, None) if out.finished else self._queues.get(out.request_id)
+            if q is not None:
+                posts.append((q, out))
+        return posts
+
+    def _discount(self, n: int) -> None:
+        if n:
+            with self._waiting_lock:
+                self._waiting -= n
+
+    def _post(self, posts: list[tuple[asyncio.Queue, Any]]) -> None:
+        """Hand results to the event loop in one callback."""
+        if posts and self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                self._loop.call_soon_threadsafe(_deliver, posts)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """Tell every open stream and every queued command that no result will come."""
+        err = exc if isinstance(exc, EngineNotReady) else EngineNotReady(
+            f"the engine stopped: {type(exc).__name__}: {exc}")
+        self._post([(q, err) for q in {id(q): q for q in self._queues.values()}.values()])
+        self._queues.clear()
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] == "call":
+                cmd[2].set_exception(err)
+            elif cmd[0] == "add":
+                self._post([(cmd[2], err)])
+
+
+def _deliver(posts: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in posts:
+        q.put_nowait(item)

@@ -1,0 +1,97 @@
+"""Command line: `slserve generate "prompt"` and `slserve serve`. Flags map onto EngineConfig."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from slserve.config import EngineConfig
+
+MIB = 1 << 20
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    p.add_argument("--model", default=None, help="local HF model directory (default: embedded SmolLM2-135M)")
+    p.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--pool-mib", type=int, default=d.pool_bytes // MIB, help="unified KV + adapter pool")
+    p.add_argument("--page-tokens", type=int, default=d.page_tokens)
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-queue", type=int, default=d.max_queue)
+    p.add_argument("--adapter-dir", default=None, help="default: ~/.cache/slserve/adapters")
+    p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
+    p.add_argument("--host-cache-mib", type=int, default=d.host_cache_bytes // MIB)
+    p.add_argument("--max-upload-mib", type=int, default=d.max_upload_bytes // MIB)
+    p.add_argument("--tp", type=int, default=d.tp)
+    p.add_argument("--kernel-backend", default=d.kernel_backend, choices=["auto", "torch", "triton"])
+
+
+def engine_config(a: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=a.model, dtype=a.dtype, device=a.device, seed=a.seed, pool_bytes=a.pool_mib * MIB,
+        page_tokens=a.page_tokens, max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
+        max_queue=a.max_queue, adapter_dir=a.adapter_dir, max_lora_rank=a.max_lora_rank,
+        host_cache_bytes=a.host_cache_mib * MIB, max_upload_bytes=a.max_upload_mib * MIB, tp=a.tp,
+        kernel_backend=a.kernel_backend,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="slserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="print a completion from the model")
+    gen.add_argument("prompt")
+    gen.add_argument("--adapter", default=None)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    _engine_args(gen)
+
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="required as Bearer token on /v1 routes")
+    serve.add_argument("--admin-key", default=None, help="required on adapter write routes")
+    serve.add_argument("--log-level", default="info")
+    _engine_args(serve)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "generate":
+        return _generate(args)
+    from slserve.api.server import run_server
+
+    run_server(engine_config(args), host=args.host, port=args.port, api_key=args.api_key,
+               admin_key=args.admin_key, log_level=args.log_level)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from slserve.engine import Engine
+    from slserve.sampling_params import SamplingParams
+
+    engine = Engine(engine_config(args))
+    prompt = args.prompt
+    if args.chat:
+        prompt = engine.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    engine.add_request(prompt, params, args.adapter)
+    while engine.has_unfinished():
+        for out in engine.step():
+            sys.stdout.write(out.new_text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Frozen, validated configuration. The CLI maps onto these fields one to one."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def default_cache_dir() -> Path:
+    """Where converted weights and the default adapter directory live (read once, here)."""
+    root = os.environ.get("SLSERVE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "slserve"
+    )
+    return Path(root)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama-family decoder, read from a Hugging Face config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of every LoRA target module."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {
+            "q_proj": (h, self.q_size),
+            "k_proj": (h, self.kv_size),
+            "v_proj": (h, self.kv_size),
+            "o_proj": (self.q_size, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs; `LLM(...)` and `slserve serve` build one of these."""
+
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    seed: int = 0
+    # The unified pool: KV pages and adapter pages share it.
+    pool_bytes: int = 2 << 30
+    page_tokens: int = 16
+    # Per-step limits of the continuous batcher.
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 1024
+    max_model_len: int | None = None
+    max_queue: int = 4096
+    # Adapters.
+    adapter_dir: str | None = None
+    max_lora_rank: int = 64
+    host_cache_bytes: int = 4 << 30
+    max_upload_bytes: int = 512 << 20
+    tp: int = 1
+    kernel_backend: str = "auto"  # auto | torch | triton
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.page_tokens < 1:
+            raise ValueError("page_tokens must be >= 1")
+        if self.pool_bytes <= 0:
+            raise ValueError("pool_bytes must be positive")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.max_lora_rank < 1:
+            raise ValueError("max_lora_rank must be >= 1")
+        if self.host_cache_bytes <= 0:
+            raise ValueError("host_cache_bytes must be positive")
+        if self.tp < 1:
+            raise ValueError("tp must be >= 1")
+        if self.kernel_backend not in ("auto", "torch", "triton"):
+            raise ValueError("kernel_backend must be auto, torch or triton")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def adapter_path(self) -> Path:
+        return Path(self.adapter_dir) if self.adapter_dir else default_cache_dir() / "adapters"

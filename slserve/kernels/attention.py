@@ -1,0 +1,135 @@
+"""Paged attention, torch implementation (the CPU path and the reference for the Triton kernel).
+
+Layout shared by every implementation:
+    q:            [T, H, D]                 queries of the flat varlen batch
+    k_cache:      [num_pages, P, KVH, D]    one layer's keys (a strided view into the pool)
+    v_cache:      [num_pages, P, KVH, D]
+    block_tables: [S, max_blocks] int       page ids of each sequence's context, in order
+    seq_lens:     [S] int                   context length of each sequence, new tokens included
+    query_start:  [S + 1] int               sequence s owns queries query_start[s]:query_start[s+1]
+
+Query j of sequence s sits at position seq_lens[s] - q_len[s] + j and attends causally to every
+key at a position <= its own. GQA: head h reads kv head h // (H // KVH).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def paged_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """A plain per-sequence loop; slow, obviously correct, used only by tests."""
+    T, H, D = q.shape
+    P, KVH = k_cache.shape[1], k_cache.shape[2]
+    group = H // KVH
+    out = torch.empty_like(q)
+    for s in range(block_tables.shape[0]):
+        qs, qe = int(query_start[s]), int(query_start[s + 1])
+        ctx = int(seq_lens[s])
+        pages = block_tables[s, : (ctx + P - 1) // P].long()
+        k = k_cache[pages].reshape(-1, KVH, D)[:ctx].float().repeat_interleave(group, dim=1)
+        v = v_cache[pages].reshape(-1, KVH, D)[:ctx].float().repeat_interleave(group, dim=1)
+        for j in range(qe - qs):
+            pos = ctx - (qe - qs) + j
+            scores = torch.einsum("hd,khd->hk", q[qs + j].float(), k[: pos + 1]) * scale
+            out[qs + j] = torch.einsum("hk,khd->hd", scores.softmax(-1), v[: pos + 1]).to(q.dtype)
+    return out
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences attended together by one padded SDPA call.
+
+    q_index:  [B, Qm] long   query token of each (sequence, slot); padding points at token 0
+    q_valid:  [B, Qm] bool
+    pages:    [B, NB] long   block table, padded with page 0
+    mask:     [B, 1, Qm, K] bool, K = NB * P, True where the key is visible
+    """
+
+    q_index: torch.Tensor
+    q_valid: torch.Tensor
+    pages: torch.Tensor
+    mask: torch.Tensor
+    all_valid: bool
+
+
+def build_attention_groups(
+    q_lens: list[int], ctx_lens: list[int], block_tables: list[list[int]], page_tokens: int, device
+) -> list[AttentionGroup]:
+    """Split a step's sequences into a decode group (one query each) and a prefill group so that
+    padding stays small, and precompute everything the per-layer calls need."""
+    starts = [0]
+    for n in q_lens:
+        starts.append(starts[-1] + n)
+    decode = [i for i, n in enumerate(q_lens) if n == 1]
+    prefill = [i for i, n in enumerate(q_lens) if n > 1]
+    return [
+        _build_group(members, q_lens, ctx_lens, block_tables, starts, page_tokens, device)
+        for members in (decode, prefill)
+        if members
+    ]
+
+
+def _build_group(members, q_lens, ctx_lens, block_tables, starts, page_tokens, device) -> AttentionGroup:
+    qm = max(q_lens[i] for i in members)
+    nb = max((ctx_lens[i] + page_tokens - 1) // page_tokens for i in members)
+    b = len(members)
+    q_index = torch.zeros(b, qm, dtype=torch.long)
+    pages = torch.zeros(b, nb, dtype=torch.long)
+    qlen = torch.tensor([q_lens[i] for i in members])
+    ctx = torch.tensor([ctx_lens[i] for i in members])
+    for row, i in enumerate(members):
+        q_index[row, : q_lens[i]] = torch.arange(starts[i], starts[i] + q_lens[i])
+        table = block_tables[i][: (ctx_lens[i] + page_tokens - 1) // page_tokens]
+        pages[row, : len(table)] = torch.tensor(table, dtype=torch.long)
+    j = torch.arange(qm)
+    q_valid = j[None, :] < qlen[:, None]
+    q_pos = ctx[:, None] - qlen[:, None] + j[None, :]  # [B, Qm]
+    k_pos = torch.arange(nb * page_tokens)
+    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < ctx[:, None, None])
+    # Padded query slots see key 0 only, so softmax never meets an all-masked row.
+    mask[:, :, 0] |= ~q_valid
+    return AttentionGroup(
+        q_index=q_index.to(device),
+        q_valid=q_valid.to(device),
+        pages=pages.to(device),
+        mask=mask[:, None].to(device),
+        all_valid=bool(q_valid.all()),
+    )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    groups: list[AttentionGroup],
+    scale: float,
+) -> torch.Tensor:
+    """Batched torch path: one gather of the paged K/V and one SDPA call per group."""
+    T, H, D = q.shape
+    KVH = k_cache.shape[2]
+    out = torch.empty_like(q)
+    for g in groups:
+        b, qm = g.q_index.shape
+        qg = q[g.q_index].transpose(1, 2)  # [B, H, Qm, D]
+        k = k_cache[g.pages].flatten(1, 2).transpose(1, 2)  # [B, KVH, K, D]
+        v = v_cache[g.pages].flatten(1, 2).transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            qg, k, v, attn_mask=g.mask, scale=scale, enable_gqa=H != KVH
+        ).transpose(1, 2)  # [B, Qm, H, D]
+        if g.all_valid:
+            out[g.q_index.flatten()] = o.reshape(b * qm, H, D)
+        else:
+            out[g.q_index[g.q_valid]] = o[g.q_valid]
+    return out

@@ -1,0 +1,43 @@
+"""The KV cache as an owner of the unified pool.
+
+Page layout: [num_layers, 2 (K, V), page_tokens, num_kv_heads, head_dim]. Token i of a sequence
+lives in page block_table[i // page_tokens] at offset i % page_tokens, for every layer at once.
+For layer l the cache is the strided view data[:, l, 0] (K) / data[:, l, 1] (V) of shape
+[num_pages, page_tokens, num_kv_heads, head_dim]: no copy, one block table for all layers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slserve.config import ModelConfig
+from slserve.memory.pool import Owner, PagePool
+
+
+def kv_page_elems(model: ModelConfig, page_tokens: int) -> int:
+    return model.num_layers * 2 * page_tokens * model.num_kv_heads * model.head_dim
+
+
+class KVCache:
+    def __init__(self, pool: PagePool, model: ModelConfig, page_tokens: int):
+        assert pool.page_elems == kv_page_elems(model, page_tokens)
+        self.pool = pool
+        self.page_tokens = page_tokens
+        view = pool.data.view(
+            pool.num_pages, model.num_layers, 2, page_tokens, model.num_kv_heads, model.head_dim
+        )
+        self.k = [view[:, layer, 0] for layer in range(model.num_layers)]
+        self.v = [view[:, layer, 1] for layer in range(model.num_layers)]
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_tokens)
+
+    def grow(self, block_table: list[int], num_tokens: int) -> None:
+        """Extend a block table in place so that it covers num_tokens tokens."""
+        need = self.pages_for(num_tokens) - len(block_table)
+        if need > 0:
+            block_table.extend(self.pool.alloc(need, Owner.KV))
+
+    def release(self, block_table: list[int]) -> None:
+        self.pool.free(block_table, Owner.KV)
+        block_table.clear()

