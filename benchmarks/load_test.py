@@ -409,6 +409,11 @@ def format_markdown(summary: dict[str, Any], title: str = "load test") -> str:
         lines.append(f"| {label} | {cells} |")
     if s["short_outputs"]:
         lines.append(f"\n{s['short_outputs']} requests returned fewer tokens than requested.")
+    lag = s["client_lag_s"]["p99"]
+    if lag is not None and lag > 0.05:
+        lines.append(
+            f"\nclient lag p99 {lag * 1e3:.0f} ms: the client sent requests late; latencies are suspect."
+        )
     return "\n".join(lines)
 
 
@@ -513,7 +518,8 @@ async def base_model_id(client: httpx.AsyncClient) -> str:
 def request_body(item: TraceItem, model: str, cfg: LoadTestConfig) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": model,
-        "prompt": list(item.prompt_token_ids) if cfg.prompt_format == "ids" else item.prompt,
+        # A hand-made trace may carry ids only; those go out as ids whatever the format.
+        "prompt": item.prompt if cfg.prompt_format == "text" and item.prompt else list(item.prompt_token_ids),
         "max_tokens": item.output_len,
         "temperature": 0.0,
         "stream": True,
@@ -656,7 +662,7 @@ def workload_from_args(a: argparse.Namespace) -> WorkloadConfig:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_args(p)
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
@@ -670,9 +676,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--out", default="load_test.json", help="JSON result path ('' for none)")
     p.add_argument("--plot", default=None, help="PNG with latency CDFs and throughput over time")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = LoadTestConfig(
+    return p
+
+
+def config_from_args(a: argparse.Namespace) -> LoadTestConfig:
+    return LoadTestConfig(
         workload=workload_from_args(a),
         base_url=a.base_url,
         api_key=a.api_key,
@@ -684,6 +692,13 @@ def main(argv: list[str] | None = None) -> None:
         max_connections=a.max_connections,
         progress=a.progress,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    cfg = config_from_args(a)
     trace = make_trace(cfg.workload)
     log.info("trace: %d requests over %.1f s", len(trace), trace[-1].arrival_s if trace else 0.0)
     result = asyncio.run(run_load_test(cfg, trace))

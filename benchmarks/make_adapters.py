@@ -178,6 +178,7 @@ def make_adapters(cfg: AdapterSetConfig) -> dict[str, Any]:
         "config": asdict(cfg),
         "base_model": str(model_path),
         "written": len(jobs),
+        "skipped_existing": cfg.num - len(jobs),
         "seconds": elapsed,
         "bytes_written": nbytes,
         "adapters": {
@@ -289,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {r} | {counts[r]} |")
         print(
             f"\nwrote {m['written']} adapters ({m['bytes_written'] / 2**20:.0f} MiB) to {cfg.out} "
-            f"in {m['seconds']:.1f} s; manifest: {Path(cfg.out) / 'manifest.json'}"
+            f"in {m['seconds']:.1f} s, kept {m['skipped_existing']} existing (--overwrite rewrites them); "
+            f"manifest: {Path(cfg.out) / 'manifest.json'}"
         )
     if a.upload:
         res = asyncio.run(upload_adapters(a.upload, cfg.out, names, a.api_key, a.upload_concurrency))

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
@@ -27,6 +28,7 @@ from typing import Any, TypeVar
 
 from slserve.config import EngineConfig
 from slserve.engine import Engine
+from slserve.memory.adapter_store import AdapterInfo
 from slserve.outputs import StepOutput
 from slserve.request import Request, Status
 from slserve.sampling_params import SamplingParams
@@ -74,6 +76,7 @@ class AsyncEngine:
         self._done = threading.Event()  # built or failed
         self.error: BaseException | None = None
         self._stopped = False
+        self.started_at: float | None = None
         # Requests not yet admitted by the scheduler: counted on the loop thread when submitted,
         # discounted on the engine thread when admitted, refused, aborted or failed.
         self._waiting = 0
@@ -86,7 +89,12 @@ class AsyncEngine:
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Start the engine thread; the engine is built there (see `ready`, `wait_ready`)."""
         self._loop = loop or asyncio.get_running_loop()
+        self.started_at = time.time()
         self._thread.start()
+
+    @property
+    def started(self) -> bool:
+        return self.started_at is not None
 
     @property
     def ready(self) -> bool:
@@ -120,23 +128,13 @@ class AsyncEngine:
             self._thread.join(timeout)
 
     # -- requests --------------------------------------------------------------------------------
-    async def generate(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        adapter: str | None = None,
-        request_id: str = "req",
-    ) -> AsyncIterator[StepOutput]:
-        """Stream one request's StepOutputs; aborts it if the consumer stops early."""
-        async for _, out in self.generate_many([GenerateItem(request_id, prompt, params, adapter)]):
-            yield out
+    async def submit(self, items: Sequence[GenerateItem]) -> RequestStream:
+        """Add several requests together (n > 1, several prompts): all are added or none.
 
-    async def generate_many(self, items: Sequence[GenerateItem]) -> AsyncIterator[tuple[int, StepOutput]]:
-        """Stream (index into items, StepOutput) for several requests added together (n > 1).
-
-        All are added or none: the first RequestError is raised before anything is yielded.
-        Leaving the iteration early (client gone, task cancelled) aborts what is unfinished, which
-        frees its pages.
+        Returns once the engine thread has accepted them (raising the engine's RequestError, or
+        QueueFull, or EngineNotReady otherwise), before any token exists, so that an HTTP handler
+        can still answer with an error status. Close the stream (or use `async with`) to abort
+        what is unfinished.
         """
         if not self.ready:
             raise EngineNotReady(self.not_ready_reason())
@@ -147,25 +145,31 @@ class AsyncEngine:
                     f"the server's queue is full ({self.config.max_queue} requests waiting); retry later"
                 )
             self._waiting += n
-        index = {item.request_id: i for i, item in enumerate(items)}
-        unfinished = set(index)
-        out_queue: asyncio.Queue = asyncio.Queue()
-        self._commands.put(("add", list(items), out_queue))
+        stream = RequestStream(self, items)
+        self._commands.put(("add", list(items), stream.queue))
         try:
-            first = await out_queue.get()
-            if isinstance(first, BaseException):
-                unfinished.clear()
-                raise first
-            while unfinished:
-                out = await out_queue.get()
-                if isinstance(out, BaseException):
-                    raise out
-                if out.finished:
-                    unfinished.discard(out.request_id)
-                yield index[out.request_id], out
-        finally:
-            if unfinished:
-                self._commands.put(("abort", list(unfinished)))
+            first = await stream.queue.get()
+        except BaseException:
+            stream.close()  # cancelled while waiting: abort whatever gets added
+            raise
+        if isinstance(first, BaseException):
+            raise first
+        return stream
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        adapter: str | None = None,
+        request_id: str = "req",
+    ) -> AsyncIterator[StepOutput]:
+        """Stream one request's StepOutputs; aborts it if the consumer stops early."""
+        async with await self.submit([GenerateItem(request_id, prompt, params, adapter)]) as stream:
+            async for _, out in stream:
+                yield out
+
+    def _abort(self, request_ids: list[str]) -> None:
+        self._commands.put(("abort", request_ids))
 
     async def call(self, fn: Callable[[Engine], T]) -> T:
         """Run fn(engine) on the engine thread between two steps and return its result."""
@@ -177,6 +181,40 @@ class AsyncEngine:
 
     async def stats(self) -> dict[str, Any]:
         return await self.call(lambda e: e.stats())
+
+    # -- adapters --------------------------------------------------------------------------------
+    # Validating and writing an upload can take a while for a large adapter, so it runs on a worker
+    # thread against the adapter store (thread-safe by design); only dropping the device copy of a
+    # replaced or deleted adapter touches engine state, and that runs on the engine thread.
+
+    async def add_adapter_bytes(self, name: str, config: bytes, weights: bytes, replace: bool = False
+                                ) -> None:
+        store = self.engine.store
+        await asyncio.to_thread(store.add_from_bytes, name, config, weights, replace=replace)
+        await self.call(lambda e: e.adapter_cache.invalidate(name))
+
+    async def add_adapter_path(self, name: str, path: str, replace: bool = False) -> None:
+        store = self.engine.store
+        await asyncio.to_thread(store.add_from_path, name, path, replace=replace)
+        await self.call(lambda e: e.adapter_cache.invalidate(name))
+
+    async def remove_adapter(self, name: str) -> None:
+        """Running requests keep their (pinned) device copy until they finish; new ones get 404."""
+        await asyncio.to_thread(self.engine.store.remove, name)
+        await self.call(lambda e: e.adapter_cache.invalidate(name))
+
+    async def adapter_infos(self, names: list[str] | None = None) -> list[tuple[AdapterInfo, str]]:
+        """(AdapterInfo, tier) of the named adapters (default: all); tier is disk, host or device.
+        An unknown name raises AdapterNotFoundError."""
+
+        def infos(e: Engine) -> list[tuple[AdapterInfo, str]]:
+            result = []
+            for name in e.adapters() if names is None else names:
+                info, resident = e.adapter_info(name)
+                result.append((info, resident or _host_or_disk(e, name)))
+            return result
+
+        return await self.call(infos)
 
     # -- the engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -295,6 +333,48 @@ class AsyncEngine:
                 cmd[2].set_exception(err)
             elif cmd[0] == "add":
                 self._post([(cmd[2], err)])
+
+
+class RequestStream:
+    """(index into the submitted items, StepOutput) as the engine produces them, until every
+    request finished. close() aborts the unfinished ones (their pages are freed)."""
+
+    def __init__(self, owner: AsyncEngine, items: Sequence[GenerateItem]) -> None:
+        self._owner = owner
+        self._index = {item.request_id: i for i, item in enumerate(items)}
+        self._unfinished = set(self._index)
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> tuple[int, StepOutput]:
+        if not self._unfinished:
+            raise StopAsyncIteration
+        out = await self.queue.get()
+        if isinstance(out, BaseException):
+            self._unfinished.clear()
+            raise out
+        if out.finished:
+            self._unfinished.discard(out.request_id)
+        return self._index[out.request_id], out
+
+    def close(self) -> None:
+        if self._unfinished:
+            self._owner._abort(sorted(self._unfinished))
+            self._unfinished.clear()
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _host_or_disk(engine: Engine, name: str) -> str:
+    # The store has no public "is it cached" query yet; its host LRU is a dict keyed by name.
+    host = getattr(engine.store, "_host", None)
+    return "host" if host is not None and name in host else "disk"
 
 
 def _deliver(posts: list[tuple[asyncio.Queue, Any]]) -> None:

@@ -39,9 +39,8 @@ class LLM:
         adapter_list = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters] * n
         if len(params_list) != n or len(adapter_list) != n:
             raise ValueError("params and adapters need one entry per prompt")
-        reqs = [
-            self.engine.add_request(p, sp, a) for p, sp, a in zip(prompts, params_list, adapter_list, strict=True)
-        ]
+        work = zip(prompts, params_list, adapter_list, strict=True)
+        reqs = [self.engine.add_request(p, sp, a) for p, sp, a in work]
         while any(not r.finished for r in reqs):
             self.engine.step()
         return [

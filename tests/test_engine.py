@@ -95,7 +95,8 @@ def test_stop_strings_and_stop_token_ids(llm):
     assert cut.finish_reason == "stop"
     assert cut.text == base.text[: base.text.index("8")]
     stop_id = base.token_ids[3]
-    by_id = llm.generate("1 2 3 4 5", SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_id]))[0]
+    params = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_id])
+    by_id = llm.generate("1 2 3 4 5", params)[0]
     assert by_id.finish_reason == "stop"
     assert by_id.token_ids == base.token_ids[: base.token_ids.index(stop_id) + 1]
 

@@ -49,18 +49,20 @@ def paged_attention_reference(
 
 @dataclass
 class AttentionGroup:
-    """Sequences attended together by one padded SDPA call.
+    """Sequences attended together by one padded call.
 
     q_index:  [B, Qm] long   query token of each (sequence, slot); padding points at token 0
     q_valid:  [B, Qm] bool
-    pages:    [B, NB] long   block table, padded with page 0
-    mask:     [B, 1, Qm, K] bool, K = NB * P, True where the key is visible
+    pages:    [B * NB] long  block tables, flattened, padded with page 0
+    mask:     [B, 1, Qm, K] bool, K = NB * P, True where the key is visible (prefill groups)
+    bias:     [B, 1, 1, K] float32, 0 where visible and -inf elsewhere (decode groups)
     """
 
     q_index: torch.Tensor
     q_valid: torch.Tensor
     pages: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor | None
+    bias: torch.Tensor | None
     all_valid: bool
 
 
@@ -100,11 +102,15 @@ def _build_group(members, q_lens, ctx_lens, block_tables, starts, page_tokens, d
     mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < ctx[:, None, None])
     # Padded query slots see key 0 only, so softmax never meets an all-masked row.
     mask[:, :, 0] |= ~q_valid
+    bias = None
+    if qm == 1:
+        bias = torch.zeros(b, 1, 1, nb * page_tokens).masked_fill_(~mask[:, None], float("-inf"))
     return AttentionGroup(
         q_index=q_index.to(device),
         q_valid=q_valid.to(device),
-        pages=pages.to(device),
-        mask=mask[:, None].to(device),
+        pages=pages.flatten().to(device),
+        mask=None if qm == 1 else mask[:, None].to(device),
+        bias=None if bias is None else bias.to(device),
         all_valid=bool(q_valid.all()),
     )
 
@@ -116,17 +122,26 @@ def paged_attention(
     groups: list[AttentionGroup],
     scale: float,
 ) -> torch.Tensor:
-    """Batched torch path: one gather of the paged K/V and one SDPA call per group."""
+    """Batched torch path: one gather of the paged K/V per group, then batched matmuls for the
+    decode group (cheaper than SDPA's masked path for one query per sequence) and SDPA for the
+    prefill group."""
     T, H, D = q.shape
     KVH = k_cache.shape[2]
     out = torch.empty_like(q)
     for g in groups:
         b, qm = g.q_index.shape
+        k = k_cache.index_select(0, g.pages).view(b, -1, KVH, D)  # [B, K, KVH, D]
+        v = v_cache.index_select(0, g.pages).view(b, -1, KVH, D)
+        if g.bias is not None:
+            idx = g.q_index.view(-1)
+            qg = q.index_select(0, idx).view(b, KVH, H // KVH, D)
+            scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale + g.bias  # [B, KVH, g, K]
+            o = torch.matmul(scores.softmax(-1).to(q.dtype), v.transpose(1, 2))  # [B, KVH, g, D]
+            out.index_copy_(0, idx, o.reshape(b, H, D))
+            continue
         qg = q[g.q_index].transpose(1, 2)  # [B, H, Qm, D]
-        k = k_cache[g.pages].flatten(1, 2).transpose(1, 2)  # [B, KVH, K, D]
-        v = v_cache[g.pages].flatten(1, 2).transpose(1, 2)
         o = F.scaled_dot_product_attention(
-            qg, k, v, attn_mask=g.mask, scale=scale, enable_gqa=H != KVH
+            qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=g.mask, scale=scale, enable_gqa=H != KVH
         ).transpose(1, 2)  # [B, Qm, H, D]
         if g.all_valid:
             out[g.q_index.flatten()] = o.reshape(b * qm, H, D)

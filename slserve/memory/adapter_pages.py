@@ -23,8 +23,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import torch
-
 from slserve.adapters.peft_format import LoRAAdapter
 from slserve.config import ModelConfig
 from slserve.memory.pool import Owner, PagePool
@@ -313,15 +311,14 @@ class DeviceAdapterCache:
         """Write the host weights into the adapter's pages (scale folded into B^T)."""
         flat, shapes = self.pool.flat, self.model.module_shapes()
         for layer, layer_slots in enumerate(dev.slots):
-            for group, slot in layer_slots.items():
+            for slot in layer_slots.values():
                 row = slot.a_off
                 for mod, _b_off, _h0, r in slot.expands:
                     w = dev.adapter.modules[(layer, mod)]
                     n = r * shapes[mod][0]
                     flat[row : row + n].copy_(w.a.reshape(-1))
                     row += n
-                assert group in GROUPS
-                for mod, b_off, _h0, r in slot.expands:
+                for mod, b_off, _h0, _r in slot.expands:
                     w = dev.adapter.modules[(layer, mod)]
                     bt = (w.b.float().t() * w.scale).reshape(-1)
                     flat[b_off : b_off + bt.numel()].copy_(bt)

@@ -28,6 +28,20 @@ class KVCache:
         )
         self.k = [view[:, layer, 0] for layer in range(model.num_layers)]
         self.v = [view[:, layer, 1] for layer in range(model.num_layers)]
+        # Rows of one token's K (or V) for one layer: writes are one index_copy_ per layer.
+        self.rows = pool.data.view(-1, model.num_kv_heads, model.head_dim)
+        self._row_offsets = (torch.arange(model.num_layers * 2) * page_tokens).view(model.num_layers, 2, 1)
+        self._rows_per_page = model.num_layers * 2 * page_tokens
+
+    def write_index(self, pages: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """[num_layers, 2, T] row of each new token's K and V in every layer (computed once a step)."""
+        base = pages * self._rows_per_page + offsets
+        return base[None, None, :] + self._row_offsets.to(base.device)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
+        """k, v: [T, KVH, D] of the step's new tokens."""
+        self.rows.index_copy_(0, index[layer, 0], k)
+        self.rows.index_copy_(0, index[layer, 1], v)
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_tokens)

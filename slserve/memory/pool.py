@@ -12,13 +12,13 @@ owners rarely interleave and long free runs survive for adapters.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 import torch
 
 
-class Owner(str, Enum):
+class Owner(StrEnum):
     KV = "kv"
     ADAPTER = "adapter"
 

@@ -39,17 +39,16 @@ class DecoderLayer(nn.Module):
         self.heads = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         self.inter = cfg.intermediate_size
 
-    def forward(self, x, cos, sin, batch: ForwardBatch, kv: KVCache, attention: AttentionFn):
+    def forward(self, x, cos, sin, batch: ForwardBatch, kv: KVCache, write_index, attention: AttentionFn):
         T = x.shape[0]
         H, KVH, D = self.heads
         qkv = self.qkv(self.input_norm(x), batch.lora)  # [T, q + 2 kv]
-        q, k, v = qkv.split(self.split, dim=-1)
-        q = apply_rotary(q.view(T, H, D), cos, sin)
-        k = apply_rotary(k.view(T, KVH, D), cos, sin)
-        k_cache, v_cache = kv.k[self.index], kv.v[self.index]
-        k_cache[batch.slot_pages, batch.slot_offsets] = k
-        v_cache[batch.slot_pages, batch.slot_offsets] = v.view(T, KVH, D)
-        o = attention(q, k_cache, v_cache, batch, D**-0.5)  # [T, H, D]
+        # q and k are adjacent columns: rotate both heads at once.
+        qk = apply_rotary(qkv[:, : self.split[0] + self.split[1]].view(T, H + KVH, D), cos, sin)
+        q, k = qk[:, :H], qk[:, H:]
+        v = qkv[:, self.split[0] + self.split[1] :].view(T, KVH, D)
+        kv.write(self.index, k, v, write_index)
+        o = attention(q, kv.k[self.index], kv.v[self.index], batch, D**-0.5)  # [T, H, D]
         x = x + self.o(o.view(T, H * D), batch.lora)
         gu = self.gate_up(self.post_norm(x), batch.lora)  # [T, 2 * inter]
         act = F.silu(gu[:, : self.inter]) * gu[:, self.inter :]
@@ -73,7 +72,8 @@ class LlamaModel(nn.Module):
         """Logits (float32) for the tokens in batch.logits_index: [R, vocab]."""
         x = F.embedding(batch.input_ids, self.embed)  # [T, hidden]
         cos, sin = self.rotary.tables(batch.positions, x.dtype)
+        write_index = kv.write_index(batch.slot_pages, batch.slot_offsets)
         for layer in self.layers:
-            x = layer(x, cos, sin, batch, kv, attention)
+            x = layer(x, cos, sin, batch, kv, write_index, attention)
         x = self.norm(x[batch.logits_index])
         return F.linear(x, self.lm_head).float()

@@ -1,0 +1,159 @@
+"""Prometheus metrics, one CollectorRegistry per app.
+
+Measured by the HTTP layer: request counts by route and status, TTFT, inter-token latency and
+end-to-end latency. Read from engine.stats() at scrape time (EngineCollector): token counters,
+running/waiting requests, pool pages by owner, adapters per tier, adapter loads and evictions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+PREFIX = "slserve"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+                    2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class EngineCollector(Collector):
+    """Families derived from the latest engine.stats() snapshot (set right before each scrape)."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, Any] | None = None
+
+    def describe(self) -> list[Metric]:
+        return []  # families depend on the snapshot; nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats
+        if s is None:
+            return
+        pool, store, device = s["pool"], s["adapters"]["store"], s["adapters"]["device"]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+        yield counter("prompt_tokens", "Prompt tokens of accepted requests.", s["prompt_tokens"])
+        yield counter("generation_tokens", "Generated tokens.", s["generated_tokens"])
+        yield counter("engine_steps", "Engine steps (forward passes).", s["steps"])
+        yield counter("preemptions", "Requests preempted for lack of pool pages.", s["preemptions"])
+        yield gauge("num_requests_running", "Requests in the running batch.", s["running"])
+        yield gauge("num_requests_waiting", "Requests waiting for admission.", s["waiting"])
+
+        pages = GaugeMetricFamily(f"{PREFIX}_pool_pages", "Unified pool pages by owner.", labels=["owner"])
+        pages.add_metric(["kv"], pool["pages_kv"])
+        pages.add_metric(["adapter"], pool["pages_adapter"])
+        pages.add_metric(["free"], pool["pages_free"])
+        yield pages
+        yield gauge("pool_pages_total", "Pages in the unified pool.", pool["pages_total"])
+        yield gauge("pool_page_bytes", "Bytes per pool page.", pool["page_bytes"])
+
+        tiers = GaugeMetricFamily(f"{PREFIX}_adapters", "Adapters per tier.", labels=["tier"])
+        tiers.add_metric(["disk"], store["disk_count"])
+        tiers.add_metric(["host"], store["host_count"])
+        tiers.add_metric(["device"], device["device_count"])
+        yield tiers
+        tier_bytes = GaugeMetricFamily(f"{PREFIX}_adapter_bytes", "Adapter bytes per tier.", labels=["tier"])
+        tier_bytes.add_metric(["disk"], store["disk_bytes"])
+        tier_bytes.add_metric(["host"], store["host_bytes"])
+        tier_bytes.add_metric(["device"], device["device_bytes"])
+        yield tier_bytes
+
+        loads = CounterMetricFamily(f"{PREFIX}_adapter_loads", "Adapter loads into a tier.", labels=["tier"])
+        loads.add_metric(["host"], store["disk_loads"])
+        loads.add_metric(["device"], device["loads"])
+        yield loads
+        evictions = CounterMetricFamily(f"{PREFIX}_adapter_evictions", "Adapter evictions from a tier.",
+                                        labels=["tier"])
+        evictions.add_metric(["host"], store["host_evictions"])
+        evictions.add_metric(["device"], device["evictions"])
+        yield evictions
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(f"{PREFIX}_http_requests", "HTTP requests by route and status.",
+                                ["route", "method", "status"], registry=self.registry)
+        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "Arrival to first token.",
+                              buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.itl = Histogram(f"{PREFIX}_inter_token_latency_seconds", "Time between streamed tokens.",
+                             buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.e2e = Histogram(f"{PREFIX}_e2e_request_latency_seconds", "Arrival to last token.",
+                             buckets=_E2E_BUCKETS, registry=self.registry)
+        self.engine = EngineCollector()
+        self.registry.register(self.engine)
+
+    def render(self, stats: dict[str, Any] | None) -> bytes:
+        self.engine.stats = stats
+        return generate_latest(self.registry)
+
+
+class TokenTimer:
+    """Per-request latency bookkeeping: call `tokens(n)` for each output, `finish()` at the end."""
+
+    __slots__ = ("metrics", "start", "last")
+
+    def __init__(self, metrics: ServerMetrics, start: float) -> None:
+        self.metrics = metrics
+        self.start = start
+        self.last: float | None = None
+
+    def tokens(self, n: int) -> None:
+        if n <= 0:
+            return
+        t = time.perf_counter()
+        if self.last is None:
+            self.metrics.ttft.observe(t - self.start)
+        else:
+            # A step delivers one token per request; n > 1 only when several arrive together.
+            gap = (t - self.last) / n
+            for _ in range(n):
+                self.metrics.itl.observe(gap)
+        self.last = t
+
+    def finish(self) -> None:
+        self.metrics.e2e.observe(time.perf_counter() - self.start)
+
+
+class RequestCounter:
+    """ASGI middleware counting responses by route template (not raw path) and status."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        counted = False
+
+        def count(status: int) -> None:
+            nonlocal counted
+            if not counted:
+                counted = True
+                route = scope.get("route")
+                path = getattr(route, "path", None) or "unmatched"
+                self.metrics.requests.labels(path, scope.get("method", ""), str(status)).inc()
+
+        async def send_counting(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                count(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counting)
+        except BaseException:
+            count(500)
+            raise

@@ -1,0 +1,561 @@
+"""The OpenAI-compatible HTTP server: FastAPI in front of one AsyncEngine.
+
+    POST /v1/completions, /v1/chat/completions     OpenAI, streaming (SSE) or not
+    GET  /v1/models                                the base model and every adapter
+    POST /v1/adapters (multipart), GET /v1/adapters[/{name}], DELETE /v1/adapters/{name}
+    POST /v1/load_lora_adapter, /v1/unload_lora_adapter   vLLM's adapter routes
+    GET  /health, /metrics                         readiness, Prometheus
+
+The event loop tokenizes, validates and formats; the engine thread only steps. A request's
+`model` names an adapter, or the base model for none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import uvicorn
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.types import Receive, Scope, Send
+
+from slserve.api import protocol as p
+from slserve.api.errors import APIError, error_body, install_error_handlers, to_api_error
+from slserve.api.metrics import RequestCounter, ServerMetrics, TokenTimer
+from slserve.async_engine import AsyncEngine, GenerateItem, RequestStream
+from slserve.config import EngineConfig
+from slserve.outputs import StepOutput, TokenLogprob
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# multipart framing around the two files and the name; the files themselves get max_upload_bytes
+_MULTIPART_SLACK = 64 << 10
+
+
+# -- auth ---------------------------------------------------------------------------------------
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _same(a: str | None, b: str) -> bool:
+    return a is not None and hmac.compare_digest(a.encode(), b.encode())
+
+
+def _auth_dependencies(api_key: str | None, admin_key: str | None):
+    """(dependency for /v1 routes, dependency for adapter write routes).
+
+    With an api key every /v1 route needs it (or the admin key); with an admin key the write
+    routes need exactly the admin key: a valid api key there is 403, anything else 401.
+    """
+
+    async def user(request: Request) -> None:
+        if api_key is None:
+            return
+        token = _bearer(request)
+        if not (_same(token, api_key) or (admin_key is not None and _same(token, admin_key))):
+            raise APIError(401, "missing or invalid API key (send Authorization: Bearer <key>)")
+
+    async def admin(request: Request) -> None:
+        if admin_key is None:
+            await user(request)
+            return
+        token = _bearer(request)
+        if _same(token, admin_key):
+            return
+        if api_key is not None and _same(token, api_key):
+            raise APIError(403, "this route needs the admin key")
+        raise APIError(401, "missing or invalid admin key (send Authorization: Bearer <key>)")
+
+    return Depends(user), Depends(admin)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+class _SSEResponse(StreamingResponse):
+    """Server-sent events whose generator is always closed, so that a client that goes away
+    mid-stream aborts its engine requests at once (not whenever the generator is collected)."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+def _sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+_SSE_DONE = "data: [DONE]\n\n"
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T | Response:
+    """Run `work`, cancelling it if the client disconnects first (its requests get aborted)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return Response(status_code=499)  # nobody reads it
+
+
+class _UploadTooLarge(Exception):
+    pass
+
+
+async def _bounded(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    total = 0
+    async for chunk in stream:
+        total += len(chunk)
+        if total > limit:
+            raise _UploadTooLarge
+        yield chunk
+
+
+def _finish_error(out: StepOutput) -> APIError | None:
+    """A request the engine ended without a normal finish (adapter gone, pool too small)."""
+    if out.finish_reason in ("stop", "length"):
+        return None
+    return APIError(500, out.error or f"the request ended with {out.finish_reason!r}", code="request_failed")
+
+
+class _TokenText:
+    """Token strings for logprobs, cached: decoding one token is the same every time."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        s = self._cache.get(token_id)
+        if s is None:
+            s = self._cache[token_id] = self._tokenizer.decode([token_id])
+        return s
+
+
+class _CompletionLogprobBuilder:
+    """The legacy logprobs object; text_offset counts from the start of the completion."""
+
+    def __init__(self, text: _TokenText) -> None:
+        self.text = text
+        self.offset = 0
+
+    def __call__(self, lps: list[TokenLogprob]) -> p.CompletionLogprobs:
+        out = p.CompletionLogprobs()
+        for lp in lps:
+            token = self.text(lp.token_id)
+            top = {self.text(t): v for t, v in lp.top}
+            top.setdefault(token, lp.logprob)
+            out.tokens.append(token)
+            out.token_logprobs.append(lp.logprob)
+            out.top_logprobs.append(top)
+            out.text_offset.append(self.offset)
+            self.offset += len(token)
+        return out
+
+
+def _chat_logprobs(text: _TokenText, lps: list[TokenLogprob]) -> p.ChatLogprobs:
+    content = []
+    for lp in lps:
+        token = text(lp.token_id)
+        top = [p.TopLogprob(token=(s := text(t)), logprob=v, bytes=list(s.encode())) for t, v in lp.top]
+        content.append(p.ChatTokenLogprob(token=token, logprob=lp.logprob, bytes=list(token.encode()),
+                                          top_logprobs=top))
+    return p.ChatLogprobs(content=content)
+
+
+# -- the app ------------------------------------------------------------------------------------
+
+
+def create_app(
+    engine: AsyncEngine,
+    api_key: str | None = None,
+    admin_key: str | None = None,
+    on_fatal: Callable[[], None] | None = None,
+) -> FastAPI:
+    """The FastAPI app. Its lifespan starts the engine thread (if not started) and stops it."""
+    metrics = ServerMetrics()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        if not engine.started:
+            engine.start(asyncio.get_running_loop())
+        watch = asyncio.ensure_future(_watch_startup())
+        try:
+            yield
+        finally:
+            watch.cancel()
+            await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+
+    async def _watch_startup() -> None:
+        if not await engine.wait_ready():
+            logger.error("%s", engine.not_ready_reason())
+            if on_fatal is not None:
+                on_fatal()
+
+    app = FastAPI(title="slserve", version="0.1.0", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.add_middleware(RequestCounter, metrics=metrics)
+    user, admin = _auth_dependencies(api_key, admin_key)
+    cfg = engine.config
+
+    def base_name() -> str:
+        return engine.engine.model_name
+
+    def adapter_of(model: str | None) -> str | None:
+        if model is None or model == base_name() or (cfg.model is not None and model == cfg.model):
+            return None
+        return model
+
+    def tokenize(prompt: str | list[int]) -> list[int]:
+        return engine.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+
+    # -- ops --------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.ready:
+            return JSONResponse(error_body(503, engine.not_ready_reason()), 503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        stats = await engine.stats() if engine.ready else None
+        return Response(metrics.render(stats), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # -- models -----------------------------------------------------------------------------------
+    @app.get("/v1/models", dependencies=[user])
+    async def models() -> p.ModelList:
+        base = base_name()
+        infos = await engine.call(lambda e: [e.adapter_info(n)[0] for n in e.adapters()])
+        created = int(engine.started_at)
+        cards = [p.ModelCard(id=base, created=created, root=cfg.model or base,
+                             max_model_len=engine.engine.max_model_len)]
+        cards += [p.ModelCard(id=i.name, created=int(i.created), root=i.name, parent=base) for i in infos]
+        return p.ModelList(data=cards)
+
+    # -- completions ------------------------------------------------------------------------------
+    @app.post("/v1/completions", dependencies=[user])
+    async def completions(body: p.CompletionRequest, request: Request) -> Response:
+        t0 = time.perf_counter()
+        body.check()
+        adapter = adapter_of(body.model)
+        prompts = [tokenize(x) for x in body.prompts()]
+        max_model_len = engine.engine.max_model_len
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        items = []
+        for i, ids in enumerate(prompts):
+            max_tokens = body.max_tokens if body.max_tokens is not None else max(1, max_model_len - len(ids))
+            for j, params in enumerate(body.sampling_params(max_tokens, body.logprobs)):
+                items.append(GenerateItem(f"{rid}-{i}-{j}", ids, params, adapter))
+        model = body.model or base_name()
+        stream = await engine.submit(items)
+        timers = [TokenTimer(metrics, t0) for _ in items]
+        token_text = _TokenText(engine.engine.tokenizer)
+        builders = None
+        if body.logprobs is not None:
+            builders = [_CompletionLogprobBuilder(token_text) for _ in items]
+        if body.stream:
+            return _SSEResponse(_completion_events(stream, rid, model, len(prompts), body, timers, builders))
+        return await _until_disconnect(
+            request, _completion_response(stream, rid, model, len(prompts), body, timers, builders)
+        )
+
+    async def _completion_response(stream: RequestStream, rid: str, model: str, num_prompts: int,
+                                   body: p.CompletionRequest, timers: list[TokenTimer],
+                                   builders: list[_CompletionLogprobBuilder] | None) -> p.CompletionResponse:
+        n = body.n
+        texts = [[] for _ in timers]
+        lps: list[list[TokenLogprob]] = [[] for _ in timers]
+        finals: list[StepOutput | None] = [None] * len(timers)
+        async with stream:
+            async for k, out in stream:
+                timers[k].tokens(len(out.new_token_ids))
+                texts[k].append(out.new_text)
+                lps[k].extend(out.new_logprobs)
+                if out.finished:
+                    timers[k].finish()
+                    finals[k] = out
+                    if (err := _finish_error(out)) is not None:
+                        raise err
+        choices = [
+            p.CompletionChoice(index=k, text="".join(texts[k]), finish_reason=finals[k].finish_reason,
+                               logprobs=builders[k](lps[k]) if builders else None)
+            for k in range(len(timers))
+        ]
+        prompt_tokens = sum(finals[i * n].num_prompt_tokens for i in range(num_prompts))
+        completion_tokens = sum(f.num_generated_tokens for f in finals)
+        usage = p.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                            total_tokens=prompt_tokens + completion_tokens)
+        return p.CompletionResponse(id=rid, model=model, choices=choices, usage=usage)
+
+    async def _completion_events(stream: RequestStream, rid: str, model: str, num_prompts: int,
+                                 body: p.CompletionRequest, timers: list[TokenTimer],
+                                 builders: list[_CompletionLogprobBuilder] | None) -> AsyncIterator[str]:
+        created = p.now()
+        usage = body.include_usage
+        exclude = None if usage else {"usage"}
+        prompt_tokens, completion_tokens = [0] * num_prompts, 0
+        try:
+            async with stream:
+                async for k, out in stream:
+                    timers[k].tokens(len(out.new_token_ids))
+                    if out.finished:
+                        timers[k].finish()
+                        prompt_tokens[k // body.n] = out.num_prompt_tokens
+                        completion_tokens += out.num_generated_tokens
+                        if (err := _finish_error(out)) is not None:
+                            yield _sse(json.dumps(error_body(err.status, err.message, code=err.code)))
+                            continue
+                    if not (out.new_text or out.finished or (builders and out.new_logprobs)):
+                        continue
+                    choice = p.CompletionChoice(
+                        index=k, text=out.new_text, finish_reason=out.finish_reason,
+                        logprobs=builders[k](out.new_logprobs) if builders else None,
+                    )
+                    chunk = p.CompletionResponse(id=rid, created=created, model=model, choices=[choice])
+                    yield _sse(chunk.model_dump_json(exclude=exclude))
+            if usage:
+                total = sum(prompt_tokens)
+                final = p.CompletionResponse(
+                    id=rid, created=created, model=model, choices=[],
+                    usage=p.UsageInfo(prompt_tokens=total, completion_tokens=completion_tokens,
+                                      total_tokens=total + completion_tokens),
+                )
+                yield _sse(final.model_dump_json())
+        except Exception as e:  # the status line is gone; report in the stream, as OpenAI does
+            err = to_api_error(e)
+            yield _sse(json.dumps(error_body(err.status, err.message, err.param, err.code)))
+        yield _SSE_DONE
+
+    # -- chat -------------------------------------------------------------------------------------
+    @app.post("/v1/chat/completions", dependencies=[user])
+    async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
+        t0 = time.perf_counter()
+        body.check()
+        adapter = adapter_of(body.model)
+        tokenizer = engine.engine.tokenizer
+        try:
+            text = tokenizer.apply_chat_template([m.for_template() for m in body.messages], tokenize=False,
+                                                 add_generation_prompt=True)
+        except APIError:
+            raise
+        except Exception as e:  # a template that rejects the conversation (roles, order)
+            raise APIError(400, f"the chat template failed: {e}", "messages") from None
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        max_model_len = engine.engine.max_model_len
+        max_tokens = body.requested_max_tokens()
+        if max_tokens is None:
+            if len(ids) >= max_model_len:
+                raise APIError(400, f"This model's maximum context length is {max_model_len} tokens; "
+                               f"the messages take {len(ids)}.", "messages")
+            max_tokens = max_model_len - len(ids)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        items = [GenerateItem(f"{rid}-{j}", ids, params, adapter)
+                 for j, params in enumerate(body.sampling_params(max_tokens, body.engine_logprobs))]
+        model = body.model or base_name()
+        stream = await engine.submit(items)
+        timers = [TokenTimer(metrics, t0) for _ in items]
+        token_text = _TokenText(tokenizer) if body.logprobs else None
+        if body.stream:
+            return _SSEResponse(_chat_events(stream, rid, model, body, timers, token_text))
+        return await _until_disconnect(request, _chat_response(stream, rid, model, timers, token_text))
+
+    async def _chat_response(stream: RequestStream, rid: str, model: str, timers: list[TokenTimer],
+                             token_text: _TokenText | None) -> p.ChatCompletionResponse:
+        texts = [[] for _ in timers]
+        lps: list[list[TokenLogprob]] = [[] for _ in timers]
+        finals: list[StepOutput | None] = [None] * len(timers)
+        async with stream:
+            async for k, out in stream:
+                timers[k].tokens(len(out.new_token_ids))
+                texts[k].append(out.new_text)
+                lps[k].extend(out.new_logprobs)
+                if out.finished:
+                    timers[k].finish()
+                    finals[k] = out
+                    if (err := _finish_error(out)) is not None:
+                        raise err
+        choices = [
+            p.ChatChoice(index=k, message=p.ChatResponseMessage(content="".join(texts[k])),
+                         finish_reason=finals[k].finish_reason,
+                         logprobs=_chat_logprobs(token_text, lps[k]) if token_text else None)
+            for k in range(len(timers))
+        ]
+        prompt_tokens = finals[0].num_prompt_tokens
+        completion_tokens = sum(f.num_generated_tokens for f in finals)
+        usage = p.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                            total_tokens=prompt_tokens + completion_tokens)
+        return p.ChatCompletionResponse(id=rid, model=model, choices=choices, usage=usage)
+
+    async def _chat_events(stream: RequestStream, rid: str, model: str, body: p.ChatCompletionRequest,
+                           timers: list[TokenTimer], token_text: _TokenText | None) -> AsyncIterator[str]:
+        created = p.now()
+        usage = body.include_usage
+        exclude = None if usage else {"usage"}
+
+        def chunk(k: int, delta: p.DeltaMessage, finish: str | None = None,
+                  logprobs: p.ChatLogprobs | None = None) -> str:
+            c = p.ChatCompletionChunk(id=rid, created=created, model=model, choices=[
+                p.ChatStreamChoice(index=k, delta=delta, logprobs=logprobs, finish_reason=finish)])
+            return _sse(c.model_dump_json(exclude=exclude))
+
+        prompt_tokens, completion_tokens = 0, 0
+        try:
+            for k in range(len(timers)):
+                yield chunk(k, p.DeltaMessage(role="assistant", content=""))
+            async with stream:
+                async for k, out in stream:
+                    timers[k].tokens(len(out.new_token_ids))
+                    if out.new_text or (token_text and out.new_logprobs):
+                        lps = _chat_logprobs(token_text, out.new_logprobs) if token_text else None
+                        yield chunk(k, p.DeltaMessage(content=out.new_text), logprobs=lps)
+                    if out.finished:
+                        timers[k].finish()
+                        prompt_tokens = out.num_prompt_tokens
+                        completion_tokens += out.num_generated_tokens
+                        if (err := _finish_error(out)) is not None:
+                            yield _sse(json.dumps(error_body(err.status, err.message, code=err.code)))
+                            continue
+                        yield chunk(k, p.DeltaMessage(), finish=out.finish_reason)
+            if usage:
+                final = p.ChatCompletionChunk(
+                    id=rid, created=created, model=model, choices=[],
+                    usage=p.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                      total_tokens=prompt_tokens + completion_tokens),
+                )
+                yield _sse(final.model_dump_json())
+        except Exception as e:
+            err = to_api_error(e)
+            yield _sse(json.dumps(error_body(err.status, err.message, err.param, err.code)))
+        yield _SSE_DONE
+
+    # -- adapters ---------------------------------------------------------------------------------
+    async def adapter_cards(names: list[str] | None = None) -> list[p.AdapterCard]:
+        base = base_name()
+        return [
+            p.AdapterCard(id=info.name, created=int(info.created), parent=base, size_bytes=info.size_bytes,
+                          ranks=info.ranks, resident=tier,
+                          target_modules=list(info.target_modules) if info.target_modules else None)
+            for info, tier in await engine.adapter_infos(names)
+        ]
+
+    @app.get("/v1/adapters", dependencies=[user])
+    async def list_adapters() -> p.AdapterList:
+        return p.AdapterList(data=await adapter_cards())
+
+    @app.get("/v1/adapters/{name}", dependencies=[user])
+    async def get_adapter(name: str) -> p.AdapterCard:
+        return (await adapter_cards([name]))[0]
+
+    def too_large() -> APIError:
+        return APIError(413, f"the upload is larger than the server's limit of {cfg.max_upload_bytes} bytes")
+
+    @app.post("/v1/adapters", status_code=201, dependencies=[admin])
+    async def upload_adapter(request: Request, replace: bool = Query(False)) -> p.AdapterCard:
+        limit = cfg.max_upload_bytes + _MULTIPART_SLACK
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise APIError(400, "invalid Content-Length header")
+            if int(length) > limit:
+                raise too_large()
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise APIError(422, "expected a multipart/form-data body with fields name, config and weights")
+        body = _bounded(request.stream(), limit)
+        parser = MultiPartParser(request.headers, body, max_files=2, max_fields=8)
+        try:
+            form = await parser.parse()
+        except _UploadTooLarge:
+            raise too_large() from None
+        except MultiPartException as e:
+            raise APIError(422, f"malformed multipart body: {e.message}") from None
+        try:
+            name, config, weights = form.get("name"), form.get("config"), form.get("weights")
+            for field, value, kind in (("name", name, str), ("config", config, UploadFile),
+                                       ("weights", weights, UploadFile)):
+                if not isinstance(value, kind):
+                    what = "a form field" if kind is str else "a file"
+                    raise APIError(422, f"{field} is required as {what}", field)
+            if isinstance(form.get("replace"), str):
+                replace = replace or form["replace"].lower() in ("1", "true", "yes")
+            config_bytes, weights_bytes = await config.read(), await weights.read()
+        finally:
+            await form.close()
+        if len(config_bytes) + len(weights_bytes) > cfg.max_upload_bytes:
+            raise too_large()
+        await engine.add_adapter_bytes(name, config_bytes, weights_bytes, replace)
+        return (await adapter_cards([name]))[0]
+
+    @app.delete("/v1/adapters/{name}", dependencies=[admin])
+    async def delete_adapter(name: str) -> dict:
+        await engine.remove_adapter(name)
+        return {"id": name, "object": "adapter", "deleted": True}
+
+    @app.post("/v1/load_lora_adapter", dependencies=[admin])
+    async def load_lora_adapter(body: p.LoadLoRAAdapterRequest) -> Response:
+        await engine.add_adapter_path(body.lora_name, body.lora_path, body.load_inplace)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", dependencies=[admin])
+    async def unload_lora_adapter(body: p.UnloadLoRAAdapterRequest) -> Response:
+        await engine.remove_adapter(body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    return app
+
+
+def run_server(
+    config: EngineConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    admin_key: str | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve until interrupted. The port opens at once; /health is 503 until the model is loaded.
+    Exits with status 1 if the engine cannot be built."""
+    engine = AsyncEngine(config)
+    server: uvicorn.Server | None = None
+
+    def on_fatal() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(engine, api_key=api_key, admin_key=admin_key, on_fatal=on_fatal)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
+                                           timeout_graceful_shutdown=5))
+    server.run()
+    if engine.error is not None:
+        raise SystemExit(1)

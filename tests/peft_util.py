@@ -1,0 +1,54 @@
+"""Real PEFT adapters for tests, made with the `peft` library against a real base model."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_peft_adapter(
+    base,
+    path: Path,
+    r: int,
+    targets: list[str],
+    seed: int,
+    alpha: int | None = None,
+    std: float = 0.02,
+    **lora_kwargs,
+) -> Path:
+    """Attach a fresh LoRA to `base`, give lora_B nonzero values, save it, and detach it again."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=r, lora_alpha=alpha or 2 * r, target_modules=targets, lora_dropout=0.0, **lora_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(base, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (std if "lora_B" in name else 0.1))
+    model.save_pretrained(str(path))
+    model.unload()
+    return path
+
+
+def peft_generate(base, adapter_path: Path | None, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy tokens from transformers (+ peft when an adapter is given), one prompt alone."""
+    from peft import PeftModel
+
+    ids = torch.tensor([prompt_ids])
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(ids))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if adapter_path is None:
+            return base.generate(ids, **kwargs)[0, len(prompt_ids):].tolist()
+        model = PeftModel.from_pretrained(base, str(adapter_path))
+        try:
+            return model.generate(input_ids=ids, **kwargs)[0, len(prompt_ids):].tolist()
+        finally:
+            model.unload()
