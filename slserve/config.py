@@ -74,7 +74,7 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0
     # The unified pool: KV pages and adapter pages share it.
-    pool_bytes: int = 2 << 30
+    pool_bytes: int = 4 << 30
     page_tokens: int = 16
     # Per-step limits of the continuous batcher.
     max_num_seqs: int = 128
