@@ -85,7 +85,8 @@ def main() -> None:
     rows = []
     for dtype in args.dtypes:
         llm = LLM(dtype=dtype)
-        hf = AutoModelForCausalLM.from_pretrained(str(resolve_model(None)), dtype=getattr(torch, dtype)).eval()
+        hf = AutoModelForCausalLM.from_pretrained(str(resolve_model(None)), dtype=getattr(torch, dtype))
+        hf.eval()
         fpt = flops_per_token(llm.engine.model_config, args.prompt_len + args.gen_len / 2)
         run_engine(llm, make_prompts(llm.tokenizer, 2, 8, args.seed), 4)  # warm-up
         run_hf(hf, make_prompts(llm.tokenizer, 2, 8, args.seed), 4)
