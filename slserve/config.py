@@ -88,6 +88,7 @@ class EngineConfig:
     max_upload_bytes: int = 512 << 20
     tp: int = 1
     kernel_backend: str = "auto"  # auto | torch | triton
+    cpu_extension: bool = True  # the C++ LoRA loop on CPUs (falls back to Python if it cannot build)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ from slserve.adapters.peft_format import AdapterError
 from slserve.batch import build_batch
 from slserve.config import EngineConfig
 from slserve.kernels import ATTENTION_BACKENDS, resolve_backend
+from slserve.kernels.cpu_ext import lora_apply_op
 from slserve.lora_batch import LoRABatch, TritonLoRABatch
 from slserve.memory.adapter_pages import DeviceAdapterCache, group_columns
 from slserve.memory.adapter_store import AdapterNotFoundError, AdapterStore
@@ -93,6 +94,7 @@ class Engine:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.counters = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0}
         self._columns = group_columns(cfg)
+        self._lora_op = lora_apply_op() if config.cpu_extension and self.device.type == "cpu" else None
         self._out_features = {m: s[1] for m, s in cfg.module_shapes().items()}
 
     # -- requests ----------------------------------------------------------------------------
@@ -166,7 +168,7 @@ class Engine:
     def _make_lora(self, segments):
         if self.backend == "triton":
             return TritonLoRABatch(segments, self.pool.flat, self._columns, self._out_features)
-        return LoRABatch(segments)
+        return LoRABatch(segments, self._lora_op)
 
     def _append(self, req: Request, token: int, lp, now: float) -> StepOutput:
         req.token_ids.append(token)

@@ -13,11 +13,31 @@ from slserve.memory.adapter_pages import GROUPS, DeviceAdapter
 
 
 class LoRABatch:
-    def __init__(self, segments: list[tuple[int, int, DeviceAdapter]]):
+    """Torch path. `op` is the C++ loop (kernels/cpu_ext.py) when it could be built, else the
+    same loop runs in Python."""
+
+    def __init__(self, segments: list[tuple[int, int, DeviceAdapter]], op=None):
         self.segments = segments
+        self.op = op
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, group: str) -> None:
-        apply_lora(y, x, [(s0, s1, dev.views[layer][group]) for s0, s1, dev in self.segments])
+        if self.op is None:
+            apply_lora(y, x, [(s0, s1, dev.views[layer][group]) for s0, s1, dev in self.segments])
+            return
+        starts, ends, a, n_expand, bt, h0, y0 = [], [], [], [], [], [], []
+        for s0, s1, dev in self.segments:
+            packed = dev.packed[layer][group]
+            if packed is None:
+                continue
+            starts.append(s0)
+            ends.append(s1)
+            a.append(packed[0])
+            n_expand.append(len(packed[1]))
+            bt.extend(packed[1])
+            h0.extend(packed[2])
+            y0.extend(packed[3])
+        if starts:
+            self.op(y, x, starts, ends, a, n_expand, bt, h0, y0)
 
 
 class TritonLoRABatch(LoRABatch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -43,6 +44,10 @@ CHAT = [{"role": "user", "content": "Name a color."}]
 API_KEY, ADMIN_KEY = "user-key", "admin-key"
 SERVER_FLAGS = ("--dtype", "float32", "--pool-mib", "256", "--log-level", "warning")
 STARTUP_TIMEOUT = 300
+# One intra-op thread per process: the servers and this process share a small machine, where
+# torch's OpenMP barriers stall for a whole scheduler slice whenever a worker thread is preempted
+# (a 4-element softmax then takes milliseconds instead of microseconds).
+THREADS = 1
 
 
 # -- server processes ---------------------------------------------------------------------------
@@ -74,7 +79,8 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "slserve.cli", "serve", "--port", str(self.port),
                "--adapter-dir", str(self.adapter_dir), *SERVER_FLAGS, *self.flags]
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it until it exits
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         threading.Thread(target=self._poll_health, daemon=True).start()
 
@@ -155,6 +161,8 @@ def adapter_srcs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def offline(adapter_srcs, tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
     llm = slserve.LLM(dtype="float32", pool_bytes=256 << 20,
                       adapter_dir=str(tmp_path_factory.mktemp("offline-adapters")))
     for name in ("ad1", "ad2"):
@@ -166,7 +174,8 @@ def offline(adapter_srcs, tmp_path_factory):
         return llm.generate(prompt, params, adapter)[0]
 
     generate.llm = llm
-    return generate
+    yield generate
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

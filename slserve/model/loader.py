@@ -50,6 +50,7 @@ def model_id(model: str | None) -> str:
 def _embedded_model_dir() -> Path:
     target = default_cache_dir() / "models" / EMBEDDED_NAME
     if (target / "model.safetensors").is_file():
+        _drop_quantization_config(target / "config.json")
         return target
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -78,6 +79,7 @@ def _convert_gguf(src_dir: Path, gguf_file: str, target: Path) -> None:
     try:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         hf.config.save_pretrained(tmp)
+        _drop_quantization_config(tmp / "config.json")
         hf.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if target.exists():  # another process finished first
@@ -85,6 +87,14 @@ def _convert_gguf(src_dir: Path, gguf_file: str, target: Path) -> None:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _drop_quantization_config(path: Path) -> None:
+    """The weights are stored dequantized; a leftover GGUF quantization_config would make
+    transformers treat the directory as a quantized checkpoint."""
+    cfg = json.loads(path.read_text())
+    if cfg.pop("quantization_config", None) is not None:
+        path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def load_model_config(path: Path) -> ModelConfig:

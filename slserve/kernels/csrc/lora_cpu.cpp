@@ -1,0 +1,117 @@
+// Batched mixed-rank LoRA for the CPU path: the loop over adapter segments of
+// slserve/kernels/lora.py:apply_lora, in C++.
+//
+// For segment s (tokens starts[s]:ends[s]) with stacked A [R, in] and expands
+// (BT [r, out], h0, y0):   h = x[seg] @ A^T ;   y[seg, y0:y0+out] += h[:, h0:h0+r] @ BT
+//
+// Decode segments hold a handful of tokens. There a library matmul spends more time setting up
+// than computing (tens of microseconds for a bfloat16 call), so short segments use plain loops
+// that read each weight row once, accumulate in float32 and let the compiler vectorise.
+// Long (prefill) segments go to at::mm / addmm_. Segments write disjoint rows of y, so they are
+// spread over the intra-op threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace {
+
+constexpr int64_t kShortSegment = 32;
+
+template <typename T>
+void short_segment(const T* x, int64_t x_stride, int64_t n, const T* a, int64_t rank, int64_t in,
+                   T* y, int64_t y_stride, const std::vector<const T*>& bt, const std::vector<int64_t>& rk,
+                   const std::vector<int64_t>& outs, const std::vector<int64_t>& h0,
+                   const std::vector<int64_t>& y0) {
+  std::vector<float> xf(n * in);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t k = 0; k < in; ++k) xf[t * in + k] = static_cast<float>(x[t * x_stride + k]);
+  std::vector<float> h(n * rank);
+  for (int64_t r = 0; r < rank; ++r) {
+    const T* row = a + r * in;
+    std::vector<float> af(in);
+    for (int64_t k = 0; k < in; ++k) af[k] = static_cast<float>(row[k]);
+    for (int64_t t = 0; t < n; ++t) {
+      const float* xt = xf.data() + t * in;
+      float acc = 0.f;
+      for (int64_t k = 0; k < in; ++k) acc += xt[k] * af[k];
+      h[t * rank + r] = acc;
+    }
+  }
+  for (size_t e = 0; e < bt.size(); ++e) {
+    const int64_t out = outs[e];
+    std::vector<float> acc(n * out);
+    for (int64_t t = 0; t < n; ++t) {
+      const T* yt = y + t * y_stride + y0[e];
+      for (int64_t j = 0; j < out; ++j) acc[t * out + j] = static_cast<float>(yt[j]);
+    }
+    for (int64_t r = 0; r < rk[e]; ++r) {
+      const T* row = bt[e] + r * out;
+      for (int64_t t = 0; t < n; ++t) {
+        const float hv = h[t * rank + h0[e] + r];
+        float* at = acc.data() + t * out;
+        for (int64_t j = 0; j < out; ++j) at[j] += hv * static_cast<float>(row[j]);
+      }
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      T* yt = y + t * y_stride + y0[e];
+      for (int64_t j = 0; j < out; ++j) yt[j] = static_cast<T>(acc[t * out + j]);
+    }
+  }
+}
+
+void lora_apply(const at::Tensor& y, const at::Tensor& x, at::IntArrayRef starts, at::IntArrayRef ends,
+                at::TensorList a, at::IntArrayRef n_expand, at::TensorList bt, at::IntArrayRef h0,
+                at::IntArrayRef y0) {
+  const int64_t num_segments = static_cast<int64_t>(starts.size());
+  TORCH_CHECK(ends.size() == starts.size() && a.size() == starts.size() && n_expand.size() == starts.size(),
+              "lora_apply: one start, end, A and expand count per segment");
+  std::vector<int64_t> first(num_segments + 1, 0);
+  for (int64_t s = 0; s < num_segments; ++s) first[s + 1] = first[s] + n_expand[s];
+  TORCH_CHECK(static_cast<int64_t>(bt.size()) == first[num_segments] && h0.size() == bt.size() &&
+                  y0.size() == bt.size(),
+              "lora_apply: one BT, h0 and y0 per expand");
+  TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, "lora_apply: rows of x and y must be contiguous");
+  at::parallel_for(0, num_segments, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t n = ends[s] - starts[s];
+      if (n <= 0) continue;
+      if (n > kShortSegment) {
+        const at::Tensor h = at::mm(x.narrow(0, starts[s], n), a[s].t());
+        for (int64_t e = first[s]; e < first[s + 1]; ++e) {
+          at::Tensor out = y.narrow(0, starts[s], n).narrow(1, y0[e], bt[e].size(1));
+          out.addmm_(h.narrow(1, h0[e], bt[e].size(0)), bt[e]);
+        }
+        continue;
+      }
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_apply", [&] {
+        std::vector<const scalar_t*> bts;
+        std::vector<int64_t> rks, outs, h0s, y0s;
+        for (int64_t e = first[s]; e < first[s + 1]; ++e) {
+          TORCH_CHECK(bt[e].is_contiguous(), "lora_apply: B^T must be contiguous");
+          bts.push_back(bt[e].data_ptr<scalar_t>());
+          rks.push_back(bt[e].size(0));
+          outs.push_back(bt[e].size(1));
+          h0s.push_back(h0[e]);
+          y0s.push_back(y0[e]);
+        }
+        TORCH_CHECK(a[s].is_contiguous(), "lora_apply: A must be contiguous");
+        short_segment<scalar_t>(x.data_ptr<scalar_t>() + starts[s] * x.stride(0), x.stride(0), n,
+                                a[s].data_ptr<scalar_t>(), a[s].size(0), a[s].size(1),
+                                y.data_ptr<scalar_t>() + starts[s] * y.stride(0), y.stride(0), bts, rks, outs,
+                                h0s, y0s);
+      });
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(slserve, m) {
+  m.def("lora_apply(Tensor(a!) y, Tensor x, int[] starts, int[] ends, Tensor[] a, int[] n_expand, "
+        "Tensor[] bt, int[] h0, int[] y0) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(slserve, CPU, m) { m.impl("lora_apply", &lora_apply); }
