@@ -473,6 +473,32 @@ def test_n_seed_stop_and_ignore_eos(server, offline):
     assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
 
 
+def test_several_prompts_and_n(server, offline):
+    client = openai_client(server.url)
+    r = client.completions.create(model=BASE, prompt=[PROMPT, "The capital of France is"], max_tokens=4,
+                                  temperature=0, n=2)
+    assert [c.index for c in sorted(r.choices, key=lambda c: c.index)] == [0, 1, 2, 3]
+    by_index = {c.index: c.text for c in r.choices}
+    assert by_index[0] == by_index[1] == offline(PROMPT, None, 4).text
+    assert by_index[2] == by_index[3] == offline("The capital of France is", None, 4).text
+    prompt_tokens = sum(len(offline.llm.tokenizer.encode(x)) for x in (PROMPT, "The capital of France is"))
+    assert r.usage.prompt_tokens == prompt_tokens and r.usage.completion_tokens == 16
+
+
+def test_idle_server_does_not_spin(server):
+    stat = Path(f"/proc/{server.proc.pid}/stat")
+    if not stat.exists():
+        pytest.skip("needs /proc")
+
+    def cpu_seconds() -> float:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    before = cpu_seconds()
+    time.sleep(2.0)
+    assert cpu_seconds() - before < 0.2
+
+
 def test_models(server):
     models = {m.id: m for m in openai_client(server.url).models.list().data}
     assert models[BASE].owned_by == "slserve" and models[BASE].object == "model"
@@ -492,7 +518,8 @@ def test_invalid_values_are_400(server, field, value):
 
 def test_prompt_too_long_is_400(server, offline):
     long_prompt = [1] * offline.llm.engine.max_model_len
-    r = httpx.post(f"{server.url}/v1/completions", json={"model": BASE, "prompt": long_prompt, "max_tokens": 4})
+    body = {"model": BASE, "prompt": long_prompt, "max_tokens": 4}
+    r = httpx.post(f"{server.url}/v1/completions", json=body)
     assert_error(r, 400, param="prompt")
     r = httpx.post(f"{server.url}/v1/chat/completions",
                    json={"model": BASE, "messages": CHAT, "max_tokens": 10**6})
@@ -528,7 +555,8 @@ def test_adapter_objects(server):
     assert r.status_code == 200, r.text
     card = r.json()
     assert card["id"] == "ad1" and card["object"] == "adapter" and card["parent"] == BASE
-    assert card["ranks"] == {"q_proj": 8, "v_proj": 8} and sorted(card["target_modules"]) == ["q_proj", "v_proj"]
+    assert card["ranks"] == {"q_proj": 8, "v_proj": 8}
+    assert sorted(card["target_modules"]) == ["q_proj", "v_proj"]
     assert card["size_bytes"] > 0 and card["created"] > 0 and card["resident"] in ("disk", "host", "device")
     listed = httpx.get(f"{server.url}/v1/adapters").json()
     assert listed["object"] == "list" and "ad1" in [a["id"] for a in listed["data"]]
@@ -574,14 +602,15 @@ def test_bad_uploads_change_nothing(server, adapter_srcs):
 
 def test_vllm_adapter_routes(server, adapter_srcs, offline):
     url = server.url
-    r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "vl", "lora_path": str(adapter_srcs["ad2"])})
+    load = f"{url}/v1/load_lora_adapter"
+    r = httpx.post(load, json={"lora_name": "vl", "lora_path": str(adapter_srcs["ad2"])})
     assert r.status_code == 200, r.text
     r = openai_client(url).completions.create(model="vl", prompt=PROMPT, max_tokens=8, temperature=0)
     assert r.choices[0].text == offline(PROMPT, "ad2", 8).text
-    load = f"{url}/v1/load_lora_adapter"
     assert_error(httpx.post(load, json={"lora_name": "vl", "lora_path": str(adapter_srcs["ad1"])}), 409)
     assert_error(httpx.post(load, json={"lora_name": "vl2", "lora_path": "/nonexistent"}), 400)
-    r = httpx.post(load, json={"lora_name": "vl", "lora_path": str(adapter_srcs["ad1"]), "load_inplace": True})
+    inplace = {"lora_name": "vl", "lora_path": str(adapter_srcs["ad1"]), "load_inplace": True}
+    r = httpx.post(load, json=inplace)
     assert r.status_code == 200, r.text
     assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "vl"}).status_code == 200
     assert_error(httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "vl"}), 404)
@@ -591,8 +620,8 @@ def test_delete_while_running_lets_the_request_finish(server, adapter_srcs, offl
     url = server.url
     assert upload(url, "doomed", adapter_srcs["ad2"]).status_code == 201
     want = offline(PROMPT, "ad2", 16)
-    stream = openai_client(url).completions.create(model="doomed", prompt=PROMPT, max_tokens=16, temperature=0,
-                                                   stream=True)
+    stream = openai_client(url).completions.create(model="doomed", prompt=PROMPT, max_tokens=16,
+                                                   temperature=0, stream=True)
     chunks = iter(stream)
     texts = [next(chunks).choices[0].text]  # it runs, so its adapter is pinned on the device
     assert httpx.delete(f"{url}/v1/adapters/doomed").status_code == 200
@@ -637,8 +666,8 @@ def test_disconnect_mid_stream_frees_pages(server):
     after = scrape(url)
     assert metric(after, "slserve_pool_pages", owner="free") == idle_free
     assert metric(after, "slserve_num_requests_running") == 0
-    generated = metric(after, "slserve_generation_tokens_total") - metric(idle, "slserve_generation_tokens_total")
-    assert generated < 64
+    tokens = "slserve_generation_tokens_total"
+    assert metric(after, tokens) - metric(idle, tokens) < 64
 
 
 def test_metrics_families_move(server):
@@ -648,15 +677,13 @@ def test_metrics_families_move(server):
     assert r.usage.completion_tokens == 4
     after = scrape(url)
     route = {"route": "/v1/completions", "method": "POST", "status": "200"}
-    assert metric(after, "slserve_http_requests_total", **route) == metric(before, "slserve_http_requests_total",
-                                                                           **route) + 1
-    for name in ("slserve_time_to_first_token_seconds_count", "slserve_e2e_request_latency_seconds_count"):
-        assert metric(after, name) == metric(before, name) + 1
-    assert metric(after, "slserve_inter_token_latency_seconds_count") == metric(
-        before, "slserve_inter_token_latency_seconds_count") + 3
-    assert metric(after, "slserve_generation_tokens_total") == metric(before, "slserve_generation_tokens_total") + 4
-    assert metric(after, "slserve_prompt_tokens_total") == metric(
-        before, "slserve_prompt_tokens_total") + r.usage.prompt_tokens
+    moved = lambda name, **labels: metric(after, name, **labels) - metric(before, name, **labels)  # noqa: E731
+    assert moved("slserve_http_requests_total", **route) == 1
+    assert moved("slserve_time_to_first_token_seconds_count") == 1
+    assert moved("slserve_e2e_request_latency_seconds_count") == 1
+    assert moved("slserve_inter_token_latency_seconds_count") == 3
+    assert moved("slserve_generation_tokens_total") == 4
+    assert moved("slserve_prompt_tokens_total") == r.usage.prompt_tokens
     assert metric(after, "slserve_adapters", tier="device") >= 1
     assert metric(after, "slserve_pool_pages", owner="adapter") > 0
     assert metric(after, "slserve_adapters", tier="disk") >= 1
@@ -701,13 +728,15 @@ def test_auth(guarded, adapter_srcs):
 
     assert_error(upload(url, "small", adapter_srcs["small"]), 401)
     assert_error(upload(url, "small", adapter_srcs["small"], key=API_KEY), 403)
-    assert_error(httpx.delete(f"{url}/v1/adapters/small", headers={"Authorization": f"Bearer {API_KEY}"}), 403)
-    assert_error(httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "small"},
-                            headers={"Authorization": f"Bearer {API_KEY}"}), 403)
+    as_user = {"Authorization": f"Bearer {API_KEY}"}
+    assert_error(httpx.delete(f"{url}/v1/adapters/small", headers=as_user), 403)
+    r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "small"}, headers=as_user)
+    assert_error(r, 403)
     r = upload(url, "small", adapter_srcs["small"], key=ADMIN_KEY)
     assert r.status_code == 201, r.text
     assert r.json()["ranks"] == {"q_proj": 2}
-    r = openai_client(url, API_KEY).completions.create(model="small", prompt=PROMPT, max_tokens=2, temperature=0)
+    user = openai_client(url, API_KEY)
+    r = user.completions.create(model="small", prompt=PROMPT, max_tokens=2, temperature=0)
     assert r.usage.completion_tokens == 2
     r = httpx.delete(f"{url}/v1/adapters/small", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     assert r.status_code == 200

@@ -89,16 +89,22 @@ def _auth_dependencies(api_key: str | None, admin_key: str | None):
 
 
 class _SSEResponse(StreamingResponse):
-    """Server-sent events whose generator is always closed, so that a client that goes away
-    mid-stream aborts its engine requests at once (not whenever the generator is collected)."""
+    """Server-sent events that always close their request stream when the response ends, so that
+    a client that goes away mid-stream (or before the first chunk) aborts its engine requests at
+    once, not whenever the generator happens to be collected."""
 
     media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[str], stream: RequestStream) -> None:
+        super().__init__(events, headers={"Cache-Control": "no-cache"})
+        self._stream = stream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            self._stream.close()
 
 
 def _sse(payload: str) -> str:
@@ -287,7 +293,8 @@ def create_app(
         if body.logprobs is not None:
             builders = [_CompletionLogprobBuilder(token_text) for _ in items]
         if body.stream:
-            return _SSEResponse(_completion_events(stream, rid, model, len(prompts), body, timers, builders))
+            events = _completion_events(stream, rid, model, len(prompts), body, timers, builders)
+            return _SSEResponse(events, stream)
         return await _until_disconnect(
             request, _completion_response(stream, rid, model, len(prompts), body, timers, builders)
         )
@@ -389,7 +396,7 @@ def create_app(
         timers = [TokenTimer(metrics, t0) for _ in items]
         token_text = _TokenText(tokenizer) if body.logprobs else None
         if body.stream:
-            return _SSEResponse(_chat_events(stream, rid, model, body, timers, token_text))
+            return _SSEResponse(_chat_events(stream, rid, model, body, timers, token_text), stream)
         return await _until_disconnect(request, _chat_response(stream, rid, model, timers, token_text))
 
     async def _chat_response(stream: RequestStream, rid: str, model: str, timers: list[TokenTimer],
