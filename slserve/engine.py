@@ -18,7 +18,7 @@ import torch
 from slserve.adapters.peft_format import AdapterError
 from slserve.batch import build_batch
 from slserve.config import EngineConfig
-from slserve.kernels import ATTENTION_BACKENDS, resolve_backend
+from slserve.kernels import attention_backend, resolve_backend
 from slserve.kernels.cpu_ext import lora_apply_op
 from slserve.lora_batch import LoRABatch, TritonLoRABatch
 from slserve.memory.adapter_pages import DeviceAdapterCache, group_columns
@@ -86,7 +86,8 @@ class Engine:
         self.scheduler = Scheduler(self.kv, self.adapter_cache, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self.sampler = Sampler(config.seed)
-        self.attention = ATTENTION_BACKENDS[self.backend]
+        use_cpu_ext = config.cpu_extension and self.device.type == "cpu"
+        self.attention = attention_backend(self.backend, use_cpu_ext)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.eos_ids = set(cfg.eos_token_ids)
@@ -94,7 +95,7 @@ class Engine:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.counters = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0}
         self._columns = group_columns(cfg)
-        self._lora_op = lora_apply_op() if config.cpu_extension and self.device.type == "cpu" else None
+        self._lora_op = lora_apply_op() if use_cpu_ext else None
         self._out_features = {m: s[1] for m, s in cfg.module_shapes().items()}
 
     # -- requests ----------------------------------------------------------------------------

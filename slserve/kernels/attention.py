@@ -56,6 +56,7 @@ class AttentionGroup:
     pages:    [B * NB] long  block tables, flattened, padded with page 0
     mask:     [B, 1, Qm, K] bool, K = NB * P, True where the key is visible (prefill groups)
     bias:     [B, 1, 1, K] float32, 0 where visible and -inf elsewhere (decode groups)
+    ctx_lens: [B] long       context length of each sequence
     """
 
     q_index: torch.Tensor
@@ -64,6 +65,7 @@ class AttentionGroup:
     mask: torch.Tensor | None
     bias: torch.Tensor | None
     all_valid: bool
+    ctx_lens: torch.Tensor
 
 
 def build_attention_groups(
@@ -112,6 +114,7 @@ def _build_group(members, q_lens, ctx_lens, block_tables, starts, page_tokens, d
         mask=None if qm == 1 else mask[:, None].to(device),
         bias=None if bias is None else bias.to(device),
         all_valid=bool(q_valid.all()),
+        ctx_lens=ctx.to(device),
     )
 
 
@@ -121,15 +124,20 @@ def paged_attention(
     v_cache: torch.Tensor,
     groups: list[AttentionGroup],
     scale: float,
+    decode_op=None,
 ) -> torch.Tensor:
     """Batched torch path: one gather of the paged K/V per group, then batched matmuls for the
     decode group (cheaper than SDPA's masked path for one query per sequence) and SDPA for the
-    prefill group."""
+    prefill group. `decode_op` (kernels/cpu_ext.py) replaces the decode group's gather and
+    matmuls by one pass over the cache in place."""
     T, H, D = q.shape
     KVH = k_cache.shape[2]
     out = torch.empty_like(q)
     for g in groups:
         b, qm = g.q_index.shape
+        if g.bias is not None and decode_op is not None:
+            decode_op(out, q, k_cache, v_cache, g.q_index.view(-1), g.pages.view(b, -1), g.ctx_lens, scale)
+            continue
         k = k_cache.index_select(0, g.pages).view(b, -1, KVH, D)  # [B, K, KVH, D]
         v = v_cache.index_select(0, g.pages).view(b, -1, KVH, D)
         if g.bias is not None:

@@ -1,9 +1,12 @@
-"""The C++ CPU helper for batched LoRA (csrc/lora_cpu.cpp), compiled on first use and cached.
+"""The C++ CPU helpers (csrc/*.cpp), compiled on first use and cached by torch.
 
-The torch path loops over adapter segments; from Python every small matmul costs several
-microseconds of interpreter and dispatch overhead, which at decode batch sizes is more than the
-matmul itself. The same loop in C++ costs a fraction of that and runs segments on all intra-op
-threads. If the compiler is missing the engine falls back to the Python loop (same results).
+- `lora_apply`: the loop over adapter segments of kernels/lora.py:apply_lora. From Python every
+  small matmul costs several microseconds of dispatch, and a bfloat16 library matmul with a few
+  rows tens of microseconds of set-up, more than the arithmetic at decode batch sizes.
+- `paged_decode_attention`: one query per sequence, reading K/V in place through the block
+  table, instead of gathering the cache and running tiny batched matmuls.
+
+If the compiler is missing, the engine falls back to the pure torch path (same results).
 """
 
 from __future__ import annotations
@@ -16,18 +19,28 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "lora_cpu.cpp"
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
 
 
 @cache
-def lora_apply_op():
-    """torch.ops.slserve.lora_apply, or None when the extension cannot be built here."""
+def cpu_ops():
+    """torch.ops.slserve with the C++ helpers, or None when they cannot be built here."""
     try:
         from torch.utils.cpp_extension import load
 
-        load(name="slserve_lora_cpu", sources=[str(SOURCE)], is_python_module=False,
+        load(name="slserve_cpu", sources=[str(s) for s in SOURCES], is_python_module=False,
              extra_cflags=["-O3", "-march=native", "-ffast-math"], verbose=False)
-        return torch.ops.slserve.lora_apply
-    except Exception as exc:  # no compiler, no ninja, ...: the Python loop is still correct
-        logger.warning("C++ LoRA helper unavailable, using the Python loop: %s", exc)
+        return torch.ops.slserve
+    except Exception as exc:  # no compiler, no ninja, ...: the torch path is still correct
+        logger.warning("C++ CPU helpers unavailable, using the pure torch path: %s", exc)
         return None
+
+
+def lora_apply_op():
+    ops = cpu_ops()
+    return None if ops is None else ops.lora_apply
+
+
+def decode_attention_op():
+    ops = cpu_ops()
+    return None if ops is None else ops.paged_decode_attention

@@ -16,6 +16,8 @@
 
 #include <vector>
 
+#include "convert.h"
+
 namespace {
 
 constexpr int64_t kShortSegment = 32;
@@ -26,33 +28,22 @@ void short_segment(const T* x, int64_t x_stride, int64_t n, const T* a, int64_t 
                    const std::vector<int64_t>& outs, const std::vector<int64_t>& h0,
                    const std::vector<int64_t>& y0) {
   std::vector<float> xf(n * in);
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t k = 0; k < in; ++k) xf[t * in + k] = static_cast<float>(x[t * x_stride + k]);
-  std::vector<float> h(n * rank);
+  for (int64_t t = 0; t < n; ++t) slserve::to_float(x + t * x_stride, xf.data() + t * in, in);
+  std::vector<float> h(n * rank), af(in);
   for (int64_t r = 0; r < rank; ++r) {
-    const T* row = a + r * in;
-    std::vector<float> af(in);
-    for (int64_t k = 0; k < in; ++k) af[k] = static_cast<float>(row[k]);
-    for (int64_t t = 0; t < n; ++t) {
-      const float* xt = xf.data() + t * in;
-      float acc = 0.f;
-      for (int64_t k = 0; k < in; ++k) acc += xt[k] * af[k];
-      h[t * rank + r] = acc;
-    }
+    slserve::to_float(a + r * in, af.data(), in);
+    for (int64_t t = 0; t < n; ++t) h[t * rank + r] = slserve::dot(xf.data() + t * in, af.data(), in);
   }
   for (size_t e = 0; e < bt.size(); ++e) {
     const int64_t out = outs[e];
-    std::vector<float> acc(n * out);
-    for (int64_t t = 0; t < n; ++t) {
-      const T* yt = y + t * y_stride + y0[e];
-      for (int64_t j = 0; j < out; ++j) acc[t * out + j] = static_cast<float>(yt[j]);
-    }
+    std::vector<float> acc(n * out), bf(out);
+    for (int64_t t = 0; t < n; ++t) slserve::to_float(y + t * y_stride + y0[e], acc.data() + t * out, out);
     for (int64_t r = 0; r < rk[e]; ++r) {
-      const T* row = bt[e] + r * out;
+      slserve::to_float(bt[e] + r * out, bf.data(), out);
       for (int64_t t = 0; t < n; ++t) {
         const float hv = h[t * rank + h0[e] + r];
         float* at = acc.data() + t * out;
-        for (int64_t j = 0; j < out; ++j) at[j] += hv * static_cast<float>(row[j]);
+        for (int64_t j = 0; j < out; ++j) at[j] += hv * bf[j];
       }
     }
     for (int64_t t = 0; t < n; ++t) {
@@ -109,7 +100,7 @@ void lora_apply(const at::Tensor& y, const at::Tensor& x, at::IntArrayRef starts
 
 }  // namespace
 
-TORCH_LIBRARY(slserve, m) {
+TORCH_LIBRARY_FRAGMENT(slserve, m) {
   m.def("lora_apply(Tensor(a!) y, Tensor x, int[] starts, int[] ends, Tensor[] a, int[] n_expand, "
         "Tensor[] bt, int[] h0, int[] y0) -> ()");
 }

@@ -1,0 +1,109 @@
+// Paged decode attention for the CPU path: one query per sequence, keys and values read in
+// place from the paged cache through the block table (no gather, no transposed copies).
+//
+// For decode sequence b with query token t = q_index[b] and context length L = ctx_lens[b]:
+//   out[t, h] = softmax(scale * q[t, h] . K[b, 0:L, h / group]) @ V[b, 0:L, h / group]
+// where K[b, i] lives at k_cache[block_tables[b, i / P], i % P]. The batched-matmul alternative
+// spends most of its time on tiny GEMM set-up and on copying the gathered cache into matmul
+// layout; this loop reads every key and value once and accumulates in float32.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "convert.h"
+
+namespace {
+
+template <typename T>
+void decode_one(T* out, const T* q, int64_t q_head_stride, int64_t o_head_stride, const T* k_cache,
+                const T* v_cache, const int64_t* k_strides, const int64_t* v_strides, const int64_t* table,
+                int64_t ctx, int64_t page_tokens, int64_t kv_heads, int64_t group, int64_t head_dim,
+                float scale) {
+  std::vector<float> qf(group * head_dim), scores(group * ctx), acc(group * head_dim), row(head_dim);
+  for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
+    for (int64_t j = 0; j < group; ++j) {
+      const T* qh = q + (kvh * group + j) * q_head_stride;
+      for (int64_t d = 0; d < head_dim; ++d) qf[j * head_dim + d] = static_cast<float>(qh[d]) * scale;
+    }
+    for (int64_t i = 0; i < ctx; ++i) {
+      const T* kr = k_cache + table[i / page_tokens] * k_strides[0] + (i % page_tokens) * k_strides[1] +
+                    kvh * k_strides[2];
+      slserve::to_float(kr, row.data(), head_dim);
+      for (int64_t j = 0; j < group; ++j) scores[j * ctx + i] = slserve::dot(qf.data() + j * head_dim, row.data(), head_dim);
+    }
+    for (int64_t j = 0; j < group; ++j) {
+      float* sj = scores.data() + j * ctx;
+      float m = -INFINITY;
+      for (int64_t i = 0; i < ctx; ++i) m = std::max(m, sj[i]);
+      float sum = 0.f;
+      for (int64_t i = 0; i < ctx; ++i) {
+        sj[i] = slserve::exp_nonpositive(sj[i] - m);
+        sum += sj[i];
+      }
+      const float inv = 1.f / sum;
+      for (int64_t i = 0; i < ctx; ++i) sj[i] *= inv;
+    }
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t i = 0; i < ctx; ++i) {
+      const T* vr = v_cache + table[i / page_tokens] * v_strides[0] + (i % page_tokens) * v_strides[1] +
+                    kvh * v_strides[2];
+      slserve::to_float(vr, row.data(), head_dim);
+      for (int64_t j = 0; j < group; ++j) {
+        const float p = scores[j * ctx + i];
+        float* aj = acc.data() + j * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) aj[d] += p * row[d];
+      }
+    }
+    for (int64_t j = 0; j < group; ++j) {
+      T* oh = out + (kvh * group + j) * o_head_stride;
+      for (int64_t d = 0; d < head_dim; ++d) oh[d] = static_cast<T>(acc[j * head_dim + d]);
+    }
+  }
+}
+
+void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& q_index, const at::Tensor& block_tables,
+                            const at::Tensor& ctx_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out: [T, H, D]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
+              "caches: [pages, P, KVH, D] with contiguous head_dim");
+  TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "q and out need a contiguous head_dim");
+  const auto idx = q_index.to(at::kLong).contiguous();
+  const auto tables = block_tables.to(at::kLong).contiguous();
+  const auto lens = ctx_lens.to(at::kLong).contiguous();
+  const int64_t batch = idx.size(0), heads = q.size(1), head_dim = q.size(2);
+  const int64_t page_tokens = k_cache.size(1), kv_heads = k_cache.size(2);
+  TORCH_CHECK(heads % kv_heads == 0, "query heads must be a multiple of kv heads");
+  const int64_t k_strides[3] = {k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
+  const int64_t v_strides[3] = {v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)};
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const scalar_t* kp = k_cache.data_ptr<scalar_t>();
+    const scalar_t* vp = v_cache.data_ptr<scalar_t>();
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t t = ip[b];
+        decode_one<scalar_t>(op + t * out.stride(0), qp + t * q.stride(0), q.stride(1), out.stride(1), kp, vp,
+                             k_strides, v_strides, tp + b * tables.size(1), lp[b], page_tokens, kv_heads,
+                             heads / kv_heads, head_dim, static_cast<float>(scale));
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(slserve, m) {
+  m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor q_index, "
+        "Tensor block_tables, Tensor ctx_lens, float scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(slserve, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
