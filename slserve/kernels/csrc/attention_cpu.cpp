@@ -23,45 +23,45 @@ void decode_one(T* out, const T* q, int64_t q_head_stride, int64_t o_head_stride
                 const T* v_cache, const int64_t* k_strides, const int64_t* v_strides, const int64_t* table,
                 int64_t ctx, int64_t page_tokens, int64_t kv_heads, int64_t group, int64_t head_dim,
                 float scale) {
-  std::vector<float> qf(group * head_dim), scores(group * ctx), acc(group * head_dim), row(head_dim);
-  for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
-    for (int64_t j = 0; j < group; ++j) {
-      const T* qh = q + (kvh * group + j) * q_head_stride;
-      for (int64_t d = 0; d < head_dim; ++d) qf[j * head_dim + d] = static_cast<float>(qh[d]) * scale;
-    }
+  // One token's K (or V) row holds every kv head back to back: convert it once, then serve all
+  // query heads from it, so the cache is walked once per sequence.
+  const int64_t heads = kv_heads * group, width = kv_heads * head_dim;
+  std::vector<float> qf(heads * head_dim), scores(heads * ctx), acc(heads * head_dim, 0.f), row(width);
+  for (int64_t h = 0; h < heads; ++h) {
+    slserve::to_float(q + h * q_head_stride, qf.data() + h * head_dim, head_dim);
+    for (int64_t d = 0; d < head_dim; ++d) qf[h * head_dim + d] *= scale;
+  }
+  for (int64_t i = 0; i < ctx; ++i) {
+    slserve::to_float(k_cache + table[i / page_tokens] * k_strides[0] + (i % page_tokens) * k_strides[1],
+                      row.data(), width);
+    for (int64_t h = 0; h < heads; ++h)
+      scores[h * ctx + i] = slserve::dot(qf.data() + h * head_dim, row.data() + (h / group) * head_dim, head_dim);
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    float* sh = scores.data() + h * ctx;
+    float m = -INFINITY;
+    for (int64_t i = 0; i < ctx; ++i) m = std::max(m, sh[i]);
+    float sum = 0.f;
     for (int64_t i = 0; i < ctx; ++i) {
-      const T* kr = k_cache + table[i / page_tokens] * k_strides[0] + (i % page_tokens) * k_strides[1] +
-                    kvh * k_strides[2];
-      slserve::to_float(kr, row.data(), head_dim);
-      for (int64_t j = 0; j < group; ++j) scores[j * ctx + i] = slserve::dot(qf.data() + j * head_dim, row.data(), head_dim);
+      sh[i] = slserve::exp_nonpositive(sh[i] - m);
+      sum += sh[i];
     }
-    for (int64_t j = 0; j < group; ++j) {
-      float* sj = scores.data() + j * ctx;
-      float m = -INFINITY;
-      for (int64_t i = 0; i < ctx; ++i) m = std::max(m, sj[i]);
-      float sum = 0.f;
-      for (int64_t i = 0; i < ctx; ++i) {
-        sj[i] = slserve::exp_nonpositive(sj[i] - m);
-        sum += sj[i];
-      }
-      const float inv = 1.f / sum;
-      for (int64_t i = 0; i < ctx; ++i) sj[i] *= inv;
+    const float inv = 1.f / sum;
+    for (int64_t i = 0; i < ctx; ++i) sh[i] *= inv;
+  }
+  for (int64_t i = 0; i < ctx; ++i) {
+    slserve::to_float(v_cache + table[i / page_tokens] * v_strides[0] + (i % page_tokens) * v_strides[1],
+                      row.data(), width);
+    for (int64_t h = 0; h < heads; ++h) {
+      const float p = scores[h * ctx + i];
+      const float* vr = row.data() + (h / group) * head_dim;
+      float* ah = acc.data() + h * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) ah[d] += p * vr[d];
     }
-    std::fill(acc.begin(), acc.end(), 0.f);
-    for (int64_t i = 0; i < ctx; ++i) {
-      const T* vr = v_cache + table[i / page_tokens] * v_strides[0] + (i % page_tokens) * v_strides[1] +
-                    kvh * v_strides[2];
-      slserve::to_float(vr, row.data(), head_dim);
-      for (int64_t j = 0; j < group; ++j) {
-        const float p = scores[j * ctx + i];
-        float* aj = acc.data() + j * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) aj[d] += p * row[d];
-      }
-    }
-    for (int64_t j = 0; j < group; ++j) {
-      T* oh = out + (kvh * group + j) * o_head_stride;
-      for (int64_t d = 0; d < head_dim; ++d) oh[d] = static_cast<T>(acc[j * head_dim + d]);
-    }
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    T* oh = out + h * o_head_stride;
+    for (int64_t d = 0; d < head_dim; ++d) oh[d] = static_cast<T>(acc[h * head_dim + d]);
   }
 }
 
@@ -69,8 +69,9 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at
                             const at::Tensor& v_cache, const at::Tensor& q_index, const at::Tensor& block_tables,
                             const at::Tensor& ctx_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out: [T, H, D]");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
-              "caches: [pages, P, KVH, D] with contiguous head_dim");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1 &&
+                  k_cache.stride(2) == k_cache.size(3) && v_cache.stride(2) == v_cache.size(3),
+              "caches: [pages, P, KVH, D] with each token's heads contiguous");
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "q and out need a contiguous head_dim");
   const auto idx = q_index.to(at::kLong).contiguous();
   const auto tables = block_tables.to(at::kLong).contiguous();
