@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Reproduces the load-test figures of benchmarks/RESULTS.md on one machine, side by side.
+#   bash benchmarks/run_results.sh [which...]   which: base lora5 lora100 peft5 peft100 scale
+# Adapter sets (written once):
+#   python benchmarks/make_adapters.py -n 100 --ranks 8,16,32,64 --out /tmp/ad100
+#   python benchmarks/make_adapters.py -n 2000 --ranks 8,16 --targets q,k,v,o --out /tmp/ad2000
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=benchmarks/out/results
+mkdir -p "$OUT"
+PORT=8123
+TRACE=(--rate 4 --cv 1 --popularity power --alpha 1 --input-len 64 --output-len 64 --num-requests 48 --seed 0)
+
+serve() {  # serve ADAPTER_DIR: start a server and wait until it is ready
+  slserve serve --port "$PORT" --adapter-dir "$1" --log-level warning > "$OUT/server.log" 2>&1 &
+  SERVER=$!
+  for _ in $(seq 240); do curl -sf "localhost:$PORT/health" > /dev/null && return; sleep 0.5; done
+  echo "server did not start" >&2; exit 1
+}
+stop() { kill "$SERVER"; wait "$SERVER" 2> /dev/null || true; }
+load() {  # load NAME ADAPTERS
+  python benchmarks/load_test.py --base-url "http://127.0.0.1:$PORT" --adapters "$2" "${TRACE[@]}" \
+    --no-progress --out "$OUT/$1.json" --plot "$OUT/$1.png" | tail -n 20
+}
+
+for which in "${@:-base lora5 lora100 peft5 peft100 scale}"; do
+  for w in $which; do
+    case $w in
+      base) serve /tmp/ad100; load slserve-base none; stop ;;
+      lora5) serve /tmp/ad100; load slserve-lora5 lora-/5; stop ;;
+      lora100) serve /tmp/ad100; load slserve-lora100 lora-/100; stop ;;
+      peft5|peft100)
+        python benchmarks/peft_baseline.py --adapter-dir /tmp/ad100 --adapters "lora-/${w#peft}" "${TRACE[@]}" \
+          --dtype bfloat16 --no-progress --out "$OUT/$w.json" | tail -n 20 ;;
+      scale)
+        serve /tmp/ad2000
+        for n in 5 1000 2000; do load "slserve-scale$n" "lora-/$n"; done
+        stop ;;
+    esac
+  done
+done
