@@ -191,17 +191,17 @@ class AsyncEngine:
                                 ) -> None:
         store = self.engine.store
         await asyncio.to_thread(store.add_from_bytes, name, config, weights, replace=replace)
-        await self.call(lambda e: e.adapter_cache.invalidate(name))
+        await self.call(lambda e: e.invalidate_adapter(name))
 
     async def add_adapter_path(self, name: str, path: str, replace: bool = False) -> None:
         store = self.engine.store
         await asyncio.to_thread(store.add_from_path, name, path, replace=replace)
-        await self.call(lambda e: e.adapter_cache.invalidate(name))
+        await self.call(lambda e: e.invalidate_adapter(name))
 
     async def remove_adapter(self, name: str) -> None:
         """Running requests keep their (pinned) device copy until they finish; new ones get 404."""
         await asyncio.to_thread(self.engine.store.remove, name)
-        await self.call(lambda e: e.adapter_cache.invalidate(name))
+        await self.call(lambda e: e.invalidate_adapter(name))
 
     async def adapter_infos(self, names: list[str] | None = None) -> list[tuple[AdapterInfo, str]]:
         """(AdapterInfo, tier) of the named adapters (default: all); tier is disk, host or device.
@@ -210,8 +210,7 @@ class AsyncEngine:
         def infos(e: Engine) -> list[tuple[AdapterInfo, str]]:
             result = []
             for name in e.adapters() if names is None else names:
-                info, resident = e.adapter_info(name)
-                result.append((info, resident or _host_or_disk(e, name)))
+                result.append(e.adapter_info(name))
             return result
 
         return await self.call(infos)
@@ -369,12 +368,6 @@ class RequestStream:
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
-
-
-def _host_or_disk(engine: Engine, name: str) -> str:
-    # The store has no public "is it cached" query yet; its host LRU is a dict keyed by name.
-    host = getattr(engine.store, "_host", None)
-    return "host" if host is not None and name in host else "disk"
 
 
 def _deliver(posts: list[tuple[asyncio.Queue, Any]]) -> None:

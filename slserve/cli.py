@@ -29,6 +29,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-upload-mib", type=int, default=d.max_upload_bytes // MIB)
     p.add_argument("--tp", type=int, default=d.tp)
     p.add_argument("--kernel-backend", default=d.kernel_backend, choices=["auto", "torch", "triton"])
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
 
 
 def engine_config(a: argparse.Namespace) -> EngineConfig:
@@ -38,7 +39,7 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
         max_queue=a.max_queue, adapter_dir=a.adapter_dir, max_lora_rank=a.max_lora_rank,
         host_cache_bytes=a.host_cache_mib * MIB, max_upload_bytes=a.max_upload_mib * MIB, tp=a.tp,
-        kernel_backend=a.kernel_backend,
+        kernel_backend=a.kernel_backend, threads=a.threads,
     )
 
 

@@ -88,6 +88,7 @@ class EngineConfig:
     max_upload_bytes: int = 512 << 20
     tp: int = 1
     kernel_backend: str = "auto"  # auto | torch | triton
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default
     cpu_extension: bool = True  # the C++ LoRA loop on CPUs (falls back to Python if it cannot build)
     extra: dict = field(default_factory=dict)
 
@@ -104,6 +105,8 @@ class EngineConfig:
             raise ValueError("max_lora_rank must be >= 1")
         if self.host_cache_bytes <= 0:
             raise ValueError("host_cache_bytes must be positive")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("threads must be >= 1")
         if self.tp < 1:
             raise ValueError("tp must be >= 1")
         if self.kernel_backend not in ("auto", "torch", "triton"):

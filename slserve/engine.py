@@ -54,6 +54,8 @@ class RequestError(ValueError):
 class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
         self.device = torch.device(config.device)
         self.backend = resolve_backend(config.kernel_backend, self.device)
         path = resolve_model(config.model)
@@ -240,29 +242,37 @@ class Engine:
         return True
 
     # -- adapters ----------------------------------------------------------------------------
+    # The store is thread-safe; the server validates and writes uploads off the engine thread and
+    # then calls invalidate_adapter on it, so that new requests never see a replaced device copy.
     def add_adapter(self, name: str, path: str | Path, replace: bool = False):
         info = self.store.add_from_path(name, Path(path), replace=replace)
-        self.adapter_cache.invalidate(name)
+        self.invalidate_adapter(name)
         return info
 
     def add_adapter_bytes(self, name: str, config: bytes, weights: bytes, replace: bool = False):
         info = self.store.add_from_bytes(name, config, weights, replace=replace)
-        self.adapter_cache.invalidate(name)
+        self.invalidate_adapter(name)
         return info
 
     def remove_adapter(self, name: str) -> None:
         if name not in self.store:
             raise AdapterNotFoundError(f"adapter {name!r} does not exist")
         self.store.remove(name)
+        self.invalidate_adapter(name)
+
+    def invalidate_adapter(self, name: str) -> None:
+        """Drop the device copy of a replaced or deleted adapter (running users keep theirs)."""
         self.adapter_cache.invalidate(name)
 
     def adapters(self) -> list[str]:
         return self.store.names()
 
     def adapter_info(self, name: str):
+        """(AdapterInfo, tier): the fastest tier holding it, "device", "host" or "disk"."""
         info = self.store.info(name)
-        resident = "device" if name in self.adapter_cache.resident else None
-        return info, resident
+        if name in self.adapter_cache.resident:
+            return info, "device"
+        return info, "host" if self.store.is_cached(name) else "disk"
 
     # -- stats -------------------------------------------------------------------------------
     def stats(self) -> dict:

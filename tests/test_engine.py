@@ -152,3 +152,18 @@ def test_bad_requests_are_refused(llm):
     with pytest.raises(ValueError):
         SamplingParams(top_p=0)
     _idle(llm)
+
+
+def test_bfloat16_engine_tracks_float32_reference(hf_model, tmp_path):
+    """The bfloat16 path (packed oneDNN weights, C++ decode attention) stays close to float32."""
+    llm16 = LLM(dtype="bfloat16", pool_bytes=64 << 20, adapter_dir=str(tmp_path))
+    ids = llm16.tokenizer.encode("The history of the printing press begins in the fifteenth century, when")
+    out = llm16.generate(ids, SamplingParams(temperature=0, max_tokens=8, logprobs=5))[0]
+    with torch.no_grad():
+        full = torch.tensor([ids + out.token_ids])
+        ref = torch.log_softmax(hf_model(full).logits[0].float(), -1)
+    for step, lp in enumerate(out.logprobs):
+        pos = len(ids) - 1 + step
+        # The chosen token is among the reference's top 3 and its logprob is close.
+        assert lp.token_id in ref[pos].topk(3).indices.tolist()
+        assert abs(lp.logprob - float(ref[pos, lp.token_id])) < 0.15

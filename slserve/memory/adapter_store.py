@@ -183,6 +183,11 @@ class AdapterStore:
                 target_modules=e.target_modules,
             )
 
+    def is_cached(self, name: str) -> bool:
+        """Whether the parsed adapter sits in the host tier now."""
+        with self._lock:
+            return name in self._host
+
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {

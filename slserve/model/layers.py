@@ -16,6 +16,17 @@ class LoRAHook(Protocol):
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, group: str) -> None: ...
 
 
+def dense(weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """x -> x @ W^T (+ b). On CPUs in bfloat16 the weight is packed once into oneDNN's blocked
+    layout: an unpacked bfloat16 matmul re-lays the weight out on every call, which at decode
+    batch sizes costs as much as the arithmetic."""
+    on_cpu = weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+    if on_cpu and weight.dtype == torch.bfloat16:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return lambda x: F.linear(x, weight, bias)
+
+
 class Linear(nn.Module):
     """y = x @ W^T (+ b), plus the step's batched LoRA term for this (layer, group).
 
@@ -29,9 +40,14 @@ class Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.layer = layer
         self.group = group
+        self._matmul = None
+
+    def finalize(self) -> None:
+        """Called once the weights sit on their device: choose the matmul implementation."""
+        self._matmul = dense(self.weight.data, None if self.bias is None else self.bias.data)
 
     def forward(self, x: torch.Tensor, lora: LoRAHook | None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self._matmul(x)
         if lora is not None:
             lora.apply(y, x, self.layer, self.group)
         return y

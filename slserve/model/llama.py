@@ -15,7 +15,7 @@ from torch import nn
 from slserve.batch import ForwardBatch
 from slserve.config import ModelConfig
 from slserve.memory.kv_cache import KVCache
-from slserve.model.layers import Linear, RMSNorm, Rotary, apply_rotary
+from slserve.model.layers import Linear, RMSNorm, Rotary, apply_rotary, dense
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ForwardBatch, float], torch.Tensor]
 
@@ -66,6 +66,10 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Parameter(lm_head, requires_grad=False)
         self.rotary = Rotary(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
         self.to(device)
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.finalize()
+        self._lm_head = dense(self.lm_head.data)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: KVCache, attention: AttentionFn) -> torch.Tensor:
@@ -76,4 +80,4 @@ class LlamaModel(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, batch, kv, write_index, attention)
         x = self.norm(x[batch.logits_index])
-        return F.linear(x, self.lm_head).float()
+        return self._lm_head(x).float()
