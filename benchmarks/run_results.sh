@@ -6,7 +6,7 @@
 #   python benchmarks/make_adapters.py -n 2000 --ranks 8,16 --targets q,k,v,o --out /tmp/ad2000
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=benchmarks/out/results
+OUT=benchmarks/results
 mkdir -p "$OUT"
 PORT=8123
 TRACE=(--rate 4 --cv 1 --popularity power --alpha 1 --input-len 64 --output-len 64 --num-requests 48 --seed 0)
