@@ -148,6 +148,24 @@ async def _bounded(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[by
         yield chunk
 
 
+
+async def _collect(stream: RequestStream, timers: list[TokenTimer]):
+    """Drain a non-streaming request: per choice its text pieces, logprobs and final output."""
+    texts: list[list[str]] = [[] for _ in timers]
+    lps: list[list[TokenLogprob]] = [[] for _ in timers]
+    finals: list[StepOutput | None] = [None] * len(timers)
+    async with stream:
+        async for k, out in stream:
+            timers[k].tokens(len(out.new_token_ids))
+            texts[k].append(out.new_text)
+            lps[k].extend(out.new_logprobs)
+            if out.finished:
+                timers[k].finish()
+                finals[k] = out
+                if (err := _finish_error(out)) is not None:
+                    raise err
+    return texts, lps, finals
+
 def _finish_error(out: StepOutput) -> APIError | None:
     """A request the engine ended without a normal finish (adapter gone, pool too small)."""
     if out.finish_reason in ("stop", "length"):
@@ -303,19 +321,7 @@ def create_app(
                                    body: p.CompletionRequest, timers: list[TokenTimer],
                                    builders: list[_CompletionLogprobBuilder] | None) -> p.CompletionResponse:
         n = body.n
-        texts = [[] for _ in timers]
-        lps: list[list[TokenLogprob]] = [[] for _ in timers]
-        finals: list[StepOutput | None] = [None] * len(timers)
-        async with stream:
-            async for k, out in stream:
-                timers[k].tokens(len(out.new_token_ids))
-                texts[k].append(out.new_text)
-                lps[k].extend(out.new_logprobs)
-                if out.finished:
-                    timers[k].finish()
-                    finals[k] = out
-                    if (err := _finish_error(out)) is not None:
-                        raise err
+        texts, lps, finals = await _collect(stream, timers)
         choices = [
             p.CompletionChoice(index=k, text="".join(texts[k]), finish_reason=finals[k].finish_reason,
                                logprobs=builders[k](lps[k]) if builders else None)
@@ -401,19 +407,7 @@ def create_app(
 
     async def _chat_response(stream: RequestStream, rid: str, model: str, timers: list[TokenTimer],
                              token_text: _TokenText | None) -> p.ChatCompletionResponse:
-        texts = [[] for _ in timers]
-        lps: list[list[TokenLogprob]] = [[] for _ in timers]
-        finals: list[StepOutput | None] = [None] * len(timers)
-        async with stream:
-            async for k, out in stream:
-                timers[k].tokens(len(out.new_token_ids))
-                texts[k].append(out.new_text)
-                lps[k].extend(out.new_logprobs)
-                if out.finished:
-                    timers[k].finish()
-                    finals[k] = out
-                    if (err := _finish_error(out)) is not None:
-                        raise err
+        texts, lps, finals = await _collect(stream, timers)
         choices = [
             p.ChatChoice(index=k, message=p.ChatResponseMessage(content="".join(texts[k])),
                          finish_reason=finals[k].finish_reason,
