@@ -29,7 +29,7 @@ def cpu_ops():
         from torch.utils.cpp_extension import load
 
         load(name="slserve_cpu", sources=[str(s) for s in SOURCES], is_python_module=False,
-             extra_cflags=["-O3", "-march=native", "-ffast-math"], verbose=False)
+             extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], verbose=False)
         return torch.ops.slserve
     except Exception as exc:  # no compiler, no ninja, ...: the torch path is still correct
         logger.warning("C++ CPU helpers unavailable, using the pure torch path: %s", exc)
