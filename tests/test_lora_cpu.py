@@ -107,3 +107,19 @@ def test_shrink_expand_reference_functions_match_naive():
         h_off = [ex[j][1] for _, _, (_, ex) in segments]
         lora_expand(y, h, pool, starts, lens, [b[j] for b in b_offs], h_off, r_mod, sum((32, 16)[:j]), o)
     torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cpp_loop_under_inference_mode_with_long_and_short_segments():
+    """The engine calls the op inside torch.inference_mode on inference tensors; long segments
+    use ATen matmuls and short ones run on OpenMP workers: both must work there."""
+    op = lora_apply_op()
+    assert op is not None
+    # Long segments last, so that a naive split of the segments hands them to a worker thread.
+    x, y, segments = _case(11, [2, 1, 3, 64, 40], [8, 1, 32, 16, 64], (48, 16), torch.bfloat16)
+    expected = _naive(x, y, segments)
+    with torch.inference_mode():
+        xi, yi = x.clone(), y.clone()
+        seg_i = [(s0, s1, (a.clone(), [(b.clone(), h0, y0) for b, h0, y0 in ex]))
+                 for s0, s1, (a, ex) in segments]
+        _packed_call(op, yi, xi, seg_i)
+    torch.testing.assert_close(yi.double(), expected, atol=0.25, rtol=2e-2)

@@ -65,36 +65,47 @@ void lora_apply(const at::Tensor& y, const at::Tensor& x, at::IntArrayRef starts
                   y0.size() == bt.size(),
               "lora_apply: one BT, h0 and y0 per expand");
   TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, "lora_apply: rows of x and y must be contiguous");
-  at::parallel_for(0, num_segments, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) {
-      const int64_t n = ends[s] - starts[s];
-      if (n <= 0) continue;
-      if (n > kShortSegment) {
-        const at::Tensor h = at::mm(x.narrow(0, starts[s], n), a[s].t());
-        for (int64_t e = first[s]; e < first[s + 1]; ++e) {
-          at::Tensor out = y.narrow(0, starts[s], n).narrow(1, y0[e], bt[e].size(1));
-          out.addmm_(h.narrow(1, h0[e], bt[e].size(0)), bt[e]);
-        }
-        continue;
-      }
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_apply", [&] {
+  // Long segments go through ATen's matmuls, which bring their own threading, on this thread
+  // (ATen ops on an OpenMP worker would also lose this thread's inference-mode state). Short
+  // segments are plain loops over disjoint rows of y, spread over the intra-op threads.
+  std::vector<int64_t> short_segments;
+  for (int64_t s = 0; s < num_segments; ++s) {
+    const int64_t n = ends[s] - starts[s];
+    if (n <= 0) continue;
+    if (n <= kShortSegment) {
+      short_segments.push_back(s);
+      continue;
+    }
+    const at::Tensor h = at::mm(x.narrow(0, starts[s], n), a[s].t());
+    for (int64_t e = first[s]; e < first[s + 1]; ++e) {
+      at::Tensor out = y.narrow(0, starts[s], n).narrow(1, y0[e], bt[e].size(1));
+      out.addmm_(h.narrow(1, h0[e], bt[e].size(0)), bt[e]);
+    }
+  }
+  for (int64_t s : short_segments)
+    TORCH_CHECK(a[s].is_contiguous(), "lora_apply: A must be contiguous");
+  for (int64_t e = 0; e < first[num_segments]; ++e)
+    TORCH_CHECK(bt[e].is_contiguous(), "lora_apply: B^T must be contiguous");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_apply", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, static_cast<int64_t>(short_segments.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t s = short_segments[i];
         std::vector<const scalar_t*> bts;
         std::vector<int64_t> rks, outs, h0s, y0s;
         for (int64_t e = first[s]; e < first[s + 1]; ++e) {
-          TORCH_CHECK(bt[e].is_contiguous(), "lora_apply: B^T must be contiguous");
           bts.push_back(bt[e].data_ptr<scalar_t>());
           rks.push_back(bt[e].size(0));
           outs.push_back(bt[e].size(1));
           h0s.push_back(h0[e]);
           y0s.push_back(y0[e]);
         }
-        TORCH_CHECK(a[s].is_contiguous(), "lora_apply: A must be contiguous");
-        short_segment<scalar_t>(x.data_ptr<scalar_t>() + starts[s] * x.stride(0), x.stride(0), n,
+        short_segment<scalar_t>(xp + starts[s] * x.stride(0), x.stride(0), ends[s] - starts[s],
                                 a[s].data_ptr<scalar_t>(), a[s].size(0), a[s].size(1),
-                                y.data_ptr<scalar_t>() + starts[s] * y.stride(0), y.stride(0), bts, rks, outs,
-                                h0s, y0s);
-      });
-    }
+                                yp + starts[s] * y.stride(0), y.stride(0), bts, rks, outs, h0s, y0s);
+      }
+    });
   });
 }
 
