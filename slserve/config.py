@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -90,7 +90,6 @@ class EngineConfig:
     kernel_backend: str = "auto"  # auto | torch | triton
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     cpu_extension: bool = True  # the C++ LoRA loop on CPUs (falls back to Python if it cannot build)
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

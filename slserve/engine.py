@@ -54,6 +54,8 @@ class RequestError(ValueError):
 class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
+        if config.tp != 1:
+            raise NotImplementedError("tensor parallelism (--tp > 1) is not available yet")
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = torch.device(config.device)

@@ -21,7 +21,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from slserve.adapters.peft_format import LoRAAdapter
 from slserve.config import ModelConfig
@@ -75,7 +75,6 @@ class AdapterPageStats:
     prefetches: int = 0
     prefetch_hits: int = 0
     misses: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class DeviceAdapterCache:
