@@ -26,16 +26,17 @@ class LoRABatch:
             return
         starts, ends, a, n_expand, bt, h0, y0 = [], [], [], [], [], [], []
         for s0, s1, dev in self.segments:
-            packed = dev.packed[layer][group]
-            if packed is None:
+            w = dev.views[layer][group]
+            if w is None:
                 continue
             starts.append(s0)
             ends.append(s1)
-            a.append(packed[0])
-            n_expand.append(len(packed[1]))
-            bt.extend(packed[1])
-            h0.extend(packed[2])
-            y0.extend(packed[3])
+            a.append(w[0])
+            n_expand.append(len(w[1]))
+            for b, hh, yy in w[1]:
+                bt.append(b)
+                h0.append(hh)
+                y0.append(yy)
         if starts:
             self.op(y, x, starts, ends, a, n_expand, bt, h0, y0)
 

@@ -43,6 +43,12 @@ class EngineCollector(Collector):
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
 
+        def labelled(name: str, doc: str, label: str, values: dict[str, float]) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=[label])
+            for key, value in values.items():
+                family.add_metric([key], value)
+            return family
+
         yield counter("prompt_tokens", "Prompt tokens of accepted requests.", s["prompt_tokens"])
         yield counter("generation_tokens", "Generated tokens.", s["generated_tokens"])
         yield counter("engine_steps", "Engine steps (forward passes).", s["steps"])
@@ -50,24 +56,15 @@ class EngineCollector(Collector):
         yield gauge("num_requests_running", "Requests in the running batch.", s["running"])
         yield gauge("num_requests_waiting", "Requests waiting for admission.", s["waiting"])
 
-        pages = GaugeMetricFamily(f"{PREFIX}_pool_pages", "Unified pool pages by owner.", labels=["owner"])
-        pages.add_metric(["kv"], pool["pages_kv"])
-        pages.add_metric(["adapter"], pool["pages_adapter"])
-        pages.add_metric(["free"], pool["pages_free"])
-        yield pages
+        yield labelled("pool_pages", "Unified pool pages by owner.", "owner",
+                       {"kv": pool["pages_kv"], "adapter": pool["pages_adapter"], "free": pool["pages_free"]})
         yield gauge("pool_pages_total", "Pages in the unified pool.", pool["pages_total"])
         yield gauge("pool_page_bytes", "Bytes per pool page.", pool["page_bytes"])
 
-        tiers = GaugeMetricFamily(f"{PREFIX}_adapters", "Adapters per tier.", labels=["tier"])
-        tiers.add_metric(["disk"], store["disk_count"])
-        tiers.add_metric(["host"], store["host_count"])
-        tiers.add_metric(["device"], device["device_count"])
-        yield tiers
-        tier_bytes = GaugeMetricFamily(f"{PREFIX}_adapter_bytes", "Adapter bytes per tier.", labels=["tier"])
-        tier_bytes.add_metric(["disk"], store["disk_bytes"])
-        tier_bytes.add_metric(["host"], store["host_bytes"])
-        tier_bytes.add_metric(["device"], device["device_bytes"])
-        yield tier_bytes
+        for name, doc, unit in (("adapters", "Adapters per tier.", "count"),
+                                ("adapter_bytes", "Adapter bytes per tier.", "bytes")):
+            yield labelled(name, doc, "tier", {"disk": store[f"disk_{unit}"], "host": store[f"host_{unit}"],
+                                               "device": device[f"device_{unit}"]})
 
         loads = CounterMetricFamily(f"{PREFIX}_adapter_loads", "Adapter loads into a tier.", labels=["tier"])
         loads.add_metric(["host"], store["disk_loads"])

@@ -61,7 +61,6 @@ class DeviceAdapter:
     runs: list[tuple[int, int]]  # (first page, page count)
     slots: list[dict[str, LayerSlot]]  # per layer
     views: list[dict[str, tuple | None]]  # per layer: group -> (A, [(BT, h0, y0)]) for apply_lora
-    packed: list[dict[str, tuple | None]]  # the same as (A, [BT...], [h0...], [y0...]) for the C++ op
     num_pages: int
     pins: int = 0
     stale: bool = False  # replaced or deleted: freed once the last user lets go
@@ -287,14 +286,10 @@ class DeviceAdapterCache:
                     h0 += r
             slots.append(layer_slots)
         dev = DeviceAdapter(
-            name=adapter.name, adapter=adapter, runs=runs, slots=slots, views=[], packed=[],
+            name=adapter.name, adapter=adapter, runs=runs, slots=slots, views=[],
             num_pages=sum(n for _, n in runs),
         )
         dev.views = [self._views(layer_slots) for layer_slots in slots]
-        dev.packed = [
-            {g: None if w is None else (w[0], *map(list, zip(*w[1], strict=True))) for g, w in v.items()}
-            for v in dev.views
-        ]
         return dev
 
     def _views(self, layer_slots: dict[str, LayerSlot]) -> dict[str, tuple | None]:

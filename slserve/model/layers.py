@@ -43,8 +43,12 @@ class Linear(nn.Module):
         self._matmul = None
 
     def finalize(self) -> None:
-        """Called once the weights sit on their device: choose the matmul implementation."""
+        """Called once the weights sit on their device: choose the matmul implementation. The
+        closure keeps what it needs (a packed copy, or the tensors themselves), so the module
+        drops its own references rather than hold the weights twice."""
         self._matmul = dense(self.weight.data, None if self.bias is None else self.bias.data)
+        self.weight = None
+        self.bias = None
 
     def forward(self, x: torch.Tensor, lora: LoRAHook | None) -> torch.Tensor:
         y = self._matmul(x)
