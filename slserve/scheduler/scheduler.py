@@ -112,6 +112,7 @@ class Scheduler:
                     self.waiting.popleft()
                     self._fail(req, "the prompt does not fit in the KV pool", out)
                     continue
+                self._release(req)  # only running requests pin adapters
                 break
             self.waiting.popleft()
             self.kv.grow(req.block_table, n)
