@@ -19,13 +19,14 @@ from slserve.adapters.peft_format import AdapterError
 from slserve.batch import build_batch
 from slserve.config import EngineConfig
 from slserve.kernels import attention_backend, resolve_backend
-from slserve.kernels.cpu_ext import lora_apply_op
+from slserve.kernels.cpu_ext import layer_ops, lora_apply_op
 from slserve.lora_batch import LoRABatch, TritonLoRABatch
 from slserve.memory.adapter_pages import DeviceAdapterCache, group_columns
 from slserve.memory.adapter_store import AdapterNotFoundError, AdapterStore
 from slserve.memory.kv_cache import KVCache, kv_page_elems
 from slserve.memory.pool import PagePool
 from slserve.model.llama import LlamaModel
+from slserve.model.ops import TorchOps
 from slserve.model.loader import (
     load_model_config,
     load_state_dict,
@@ -79,7 +80,9 @@ class Engine:
 
         t0 = time.perf_counter()
         state = load_state_dict(path, dtype)
-        self.model = LlamaModel(cfg, state, self.device, cfg.max_position_embeddings)
+        use_cpu_ext = config.cpu_extension and self.device.type == "cpu"
+        ops = layer_ops() if use_cpu_ext else TorchOps()
+        self.model = LlamaModel(cfg, state, self.device, cfg.max_position_embeddings, ops)
         del state
         logger.info("loaded %s (%s) in %.1fs; pool: %d pages of %d tokens (%.2f GiB)", self.model_name,
                     config.dtype, time.perf_counter() - t0, num_pages, config.page_tokens,
@@ -90,7 +93,6 @@ class Engine:
         self.scheduler = Scheduler(self.kv, self.adapter_cache, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self.sampler = Sampler(config.seed)
-        use_cpu_ext = config.cpu_extension and self.device.type == "cpu"
         self.attention = attention_backend(self.backend, use_cpu_ext)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()

@@ -36,6 +36,8 @@ CASES = [
     ([1, 6, 1, 3], [7, 6, 13, 9], 9, 3),  # mixed, GQA group 3, chunked prefill with context
     ([5, 2], [5, 20], 6, 2),  # prefill only
     ([1] * 12, list(range(3, 39, 3)), 8, 1),  # many decodes, MQA
+    ([1] * 5, [1, 2, 17, 64, 93], 9, 3, 64),  # head_dim 64 (the vectorised bfloat16 loop), odd lengths
+    ([1, 1, 4], [33, 8, 12], 4, 2, 128),  # head_dim 128
 ]
 
 
@@ -43,11 +45,12 @@ CASES = [
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("use_cpp", [False, True])
 def test_cpu_attention_matches_reference(case, dtype, use_cpp):
-    q_lens, ctx_lens, heads, kv_heads = CASES[case]
-    q, k_cache, v_cache, groups, ref = _case(case, q_lens, ctx_lens, heads, kv_heads, dtype=dtype)
+    q_lens, ctx_lens, heads, kv_heads, *rest = CASES[case]
+    head_dim = rest[0] if rest else 16
+    q, k_cache, v_cache, groups, ref = _case(case, q_lens, ctx_lens, heads, kv_heads, head_dim, dtype=dtype)
     op = decode_attention_op() if use_cpp else None
     if use_cpp:
         assert op is not None, "the C++ helper must build on this machine"
-    out = paged_attention(q, k_cache, v_cache, groups, 16**-0.5, decode_op=op)
+    out = paged_attention(q, k_cache, v_cache, groups, head_dim**-0.5, decode_op=op)
     tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out.float(), ref, **tol)

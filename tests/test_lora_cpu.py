@@ -61,6 +61,7 @@ CASES = [
     ([40, 1, 70], [64, 1, 8], (128,)),  # prefill segments past the C++ short-segment bound
     ([1] * 32, [1, 8, 16, 64] * 8, (16, 16)),  # 32 adapters, one token each
     ([5, 33, 2], [16, 16, 1], (48, 128)),
+    ([7, 13, 1, 4], [3, 5, 64, 2], (20, 7, 33)),  # widths and ranks off the vector and unroll sizes
 ]
 
 

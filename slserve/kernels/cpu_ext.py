@@ -5,6 +5,8 @@
   rows tens of microseconds of set-up, more than the arithmetic at decode batch sizes.
 - `paged_decode_attention`: one query per sequence, reading K/V in place through the block
   table, instead of gathering the cache and running tiny batched matmuls.
+- `add_rms_norm`, `rotary_write_kv`, `silu_mul`: the element-wise steps of a decoder layer, one
+  pass each (see slserve/model/ops.py).
 
 If the compiler is missing, the engine falls back to the pure torch path (same results).
 """
@@ -44,3 +46,11 @@ def lora_apply_op():
 def decode_attention_op():
     ops = cpu_ops()
     return None if ops is None else ops.paged_decode_attention
+
+
+def layer_ops():
+    """The decoder's element-wise steps (model/ops.py): fused C++ loops when built, else torch."""
+    from slserve.model.ops import CpuOps, TorchOps
+
+    ops = cpu_ops()
+    return TorchOps() if ops is None else CpuOps(ops)

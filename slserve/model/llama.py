@@ -15,7 +15,8 @@ from torch import nn
 from slserve.batch import ForwardBatch
 from slserve.config import ModelConfig
 from slserve.memory.kv_cache import KVCache
-from slserve.model.layers import Linear, RMSNorm, Rotary, apply_rotary, dense
+from slserve.model.layers import Linear, RMSNorm, Rotary, dense
+from slserve.model.ops import TorchOps
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ForwardBatch, float], torch.Tensor]
 
@@ -35,30 +36,30 @@ class DecoderLayer(nn.Module):
         self.input_norm = RMSNorm(state[p + "input_layernorm.weight"], cfg.rms_norm_eps)
         self.post_norm = RMSNorm(state[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
         self.index = i
-        self.split = (cfg.q_size, cfg.kv_size, cfg.kv_size)
         self.heads = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-        self.inter = cfg.intermediate_size
 
-    def forward(self, x, cos, sin, batch: ForwardBatch, kv: KVCache, write_index, attention: AttentionFn):
-        T = x.shape[0]
-        H, KVH, D = self.heads
-        qkv = self.qkv(self.input_norm(x), batch.lora)  # [T, q + 2 kv]
-        # q and k are adjacent columns: rotate both heads at once.
-        qk = apply_rotary(qkv[:, : self.split[0] + self.split[1]].view(T, H + KVH, D), cos, sin)
-        q, k = qk[:, :H], qk[:, H:]
-        v = qkv[:, self.split[0] + self.split[1] :].view(T, KVH, D)
-        kv.write(self.index, k, v, write_index)
+    def forward(self, delta, residual, cos, sin, batch: ForwardBatch, kv: KVCache, write_index,
+                attention: AttentionFn, ops: TorchOps):
+        """residual: the running sum of the embedding and every earlier layer's output, updated
+        in place where the ops allow; delta: the previous layer's output, not yet added (None
+        before the first layer). Returns this layer's (delta, residual)."""
+        T = residual.shape[0]
+        H, _, D = self.heads
+        residual, h = ops.add_norm(residual, delta, self.input_norm)
+        qkv = self.qkv(h, batch.lora)  # [T, q + 2 kv]
+        q = ops.rotary_kv(qkv, cos, sin, self.heads, kv, self.index, write_index)
         o = attention(q, kv.k[self.index], kv.v[self.index], batch, D**-0.5)  # [T, H, D]
-        x = x + self.o(o.view(T, H * D), batch.lora)
-        gu = self.gate_up(self.post_norm(x), batch.lora)  # [T, 2 * inter]
-        act = F.silu(gu[:, : self.inter]) * gu[:, self.inter :]
-        return x + self.down(act, batch.lora)
+        residual, h = ops.add_norm(residual, self.o(o.view(T, H * D), batch.lora), self.post_norm)
+        act = ops.silu_mul(self.gate_up(h, batch.lora))  # [T, inter]
+        return self.down(act, batch.lora), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], device, max_positions: int):
+    def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], device, max_positions: int,
+                 ops: TorchOps | None = None):
         super().__init__()
         self.cfg = cfg
+        self.ops = ops or TorchOps()
         self.embed = nn.Parameter(state["model.embed_tokens.weight"], requires_grad=False)
         self.layers = nn.ModuleList(DecoderLayer(cfg, state, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(state["model.norm.weight"], cfg.rms_norm_eps)
@@ -74,10 +75,12 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: KVCache, attention: AttentionFn) -> torch.Tensor:
         """Logits (float32) for the tokens in batch.logits_index: [R, vocab]."""
-        x = F.embedding(batch.input_ids, self.embed)  # [T, hidden]
-        cos, sin = self.rotary.tables(batch.positions, x.dtype)
+        residual = F.embedding(batch.input_ids, self.embed)  # [T, hidden]
+        cos, sin = self.rotary.tables(batch.positions, residual.dtype)
         write_index = kv.write_index(batch.slot_pages, batch.slot_offsets)
+        delta = None
         for layer in self.layers:
-            x = layer(x, cos, sin, batch, kv, write_index, attention)
-        x = self.norm(x[batch.logits_index])
-        return self._lm_head(x).float()
+            delta, residual = layer(delta, residual, cos, sin, batch, kv, write_index, attention, self.ops)
+        rows = batch.logits_index
+        _, h = self.ops.add_norm(residual[rows], delta[rows], self.norm)
+        return self._lm_head(h).float()

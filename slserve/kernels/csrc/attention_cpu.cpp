@@ -11,12 +11,27 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
+#include "bf16_simd.h"
 #include "convert.h"
 
 namespace {
+
+// s[i] = exp(s[i] - max s) in place; returns 1 / sum of the results.
+float softmax_unnormalised(float* s, int64_t n) {
+  float m = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, s[i]);
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    s[i] = slserve::exp_nonpositive(s[i] - m);
+    sum += s[i];
+  }
+  return 1.f / sum;
+}
 
 template <typename T>
 void decode_one(T* out, const T* q, int64_t q_head_stride, int64_t o_head_stride, const T* k_cache,
@@ -39,14 +54,7 @@ void decode_one(T* out, const T* q, int64_t q_head_stride, int64_t o_head_stride
   }
   for (int64_t h = 0; h < heads; ++h) {
     float* sh = scores.data() + h * ctx;
-    float m = -INFINITY;
-    for (int64_t i = 0; i < ctx; ++i) m = std::max(m, sh[i]);
-    float sum = 0.f;
-    for (int64_t i = 0; i < ctx; ++i) {
-      sh[i] = slserve::exp_nonpositive(sh[i] - m);
-      sum += sh[i];
-    }
-    const float inv = 1.f / sum;
+    const float inv = softmax_unnormalised(sh, ctx);
     for (int64_t i = 0; i < ctx; ++i) sh[i] *= inv;
   }
   for (int64_t i = 0; i < ctx; ++i) {
@@ -64,6 +72,92 @@ void decode_one(T* out, const T* q, int64_t q_head_stride, int64_t o_head_stride
     for (int64_t d = 0; d < head_dim; ++d) oh[d] = static_cast<T>(acc[h * head_dim + d]);
   }
 }
+
+#if defined(__AVX512BF16__)
+// bfloat16, head_dim a multiple of 32 (see bf16_simd.h). Scores: per key token, each kv head's
+// key row meets its query heads in vdpbf16ps dot products. Output: the softmax weights rounded to
+// bfloat16 (as the torch path's bfloat16 matmul rounds them) and paired over consecutive tokens,
+// against those tokens' value rows interleaved, all accumulators of one kv head's query heads
+// updated per token pair.
+void decode_one_bf16(c10::BFloat16* out, const c10::BFloat16* q, int64_t q_head_stride, int64_t o_head_stride,
+                     const c10::BFloat16* k_cache, const c10::BFloat16* v_cache, const int64_t* k_strides,
+                     const int64_t* v_strides, const int64_t* table, int64_t ctx, int64_t page_tokens,
+                     int64_t kv_heads, int64_t group, int64_t head_dim, float scale) {
+  using namespace slserve::bf16;
+  const int64_t heads = kv_heads * group, blocks = head_dim / 32, pairs = (ctx + 1) / 2;
+  std::vector<float> scores(heads * ctx);
+  for (int64_t i = 0; i < ctx; ++i) {
+    const c10::BFloat16* krow = k_cache + table[i / page_tokens] * k_strides[0] + (i % page_tokens) * k_strides[1];
+    for (int64_t h = 0; h < heads; ++h) {
+      const c10::BFloat16* kh = krow + (h / group) * head_dim;
+      const c10::BFloat16* qh = q + h * q_head_stride;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t b = 0; b < blocks; ++b)
+        acc = _mm512_dpbf16_ps(acc, bh(_mm512_loadu_si512(kh + 32 * b)), bh(_mm512_loadu_si512(qh + 32 * b)));
+      scores[h * ctx + i] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+  std::vector<uint32_t> p(heads * pairs);
+  for (int64_t h = 0; h < heads; ++h) {
+    float* sh = scores.data() + h * ctx;
+    const float inv = softmax_unnormalised(sh, ctx);
+    for (int64_t j = 0; j < pairs; ++j)
+      p[h * pairs + j] = pair(sh[2 * j] * inv, 2 * j + 1 < ctx ? sh[2 * j + 1] * inv : 0.f);
+  }
+  // Per 32-column block of a kv head's value rows: its query heads' accumulators (group <= 8 stay
+  // in registers), one pass over the token pairs.
+  constexpr int64_t kMaxGroup = 8;
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t kvh = 0; kvh < kv_heads; ++kvh)
+    for (int64_t g0 = 0; g0 < group; g0 += kMaxGroup) {
+      const int64_t ng = std::min(kMaxGroup, group - g0);
+      const uint32_t* ph = p.data() + (kvh * group + g0) * pairs;
+      for (int64_t b = 0; b < blocks; ++b) {
+        __m512 lo[kMaxGroup], hi[kMaxGroup];
+        for (int64_t g = 0; g < ng; ++g) lo[g] = hi[g] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < pairs; ++j) {
+          const int64_t i = 2 * j;
+          const int64_t col = kvh * head_dim + 32 * b;
+          const c10::BFloat16* v0 = v_cache + table[i / page_tokens] * v_strides[0] + (i % page_tokens) * v_strides[1];
+          const __m512i w1 = i + 1 < ctx ? _mm512_loadu_si512(v_cache + table[(i + 1) / page_tokens] * v_strides[0] +
+                                                              ((i + 1) % page_tokens) * v_strides[1] + col)
+                                         : zero;
+          const Pairs w(_mm512_loadu_si512(v0 + col), w1);
+          for (int64_t g = 0; g < ng; ++g)
+            madd_pair(w, _mm512_set1_epi32(static_cast<int32_t>(ph[g * pairs + j])), lo[g], hi[g]);
+        }
+        for (int64_t g = 0; g < ng; ++g)
+          store_pairs(out + (kvh * group + g0 + g) * o_head_stride + 32 * b, ~__mmask32(0), lo[g], hi[g]);
+      }
+    }
+}
+#endif
+
+template <typename T>
+bool fast_path(int64_t head_dim) {
+#if defined(__AVX512BF16__)
+  return std::is_same_v<T, c10::BFloat16> && head_dim % 32 == 0;
+#else
+  return false;
+#endif
+}
+
+// Only reached where fast_path said yes.
+template <typename T>
+void decode_fast(T*, const T*, int64_t, int64_t, const T*, const T*, const int64_t*, const int64_t*, const int64_t*,
+                 int64_t, int64_t, int64_t, int64_t, int64_t, float) {
+  TORCH_CHECK(false, "paged_decode_attention: no vectorised loop for this type");
+}
+
+#if defined(__AVX512BF16__)
+template <>
+void decode_fast<c10::BFloat16>(c10::BFloat16* out, const c10::BFloat16* q, int64_t qs, int64_t os,
+                                const c10::BFloat16* k, const c10::BFloat16* v, const int64_t* ks, const int64_t* vs,
+                                const int64_t* table, int64_t ctx, int64_t page_tokens, int64_t kv_heads,
+                                int64_t group, int64_t head_dim, float scale) {
+  decode_one_bf16(out, q, qs, os, k, v, ks, vs, table, ctx, page_tokens, kv_heads, group, head_dim, scale);
+}
+#endif
 
 void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& q_index, const at::Tensor& block_tables,
@@ -92,6 +186,12 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t t = ip[b];
+        if (fast_path<scalar_t>(head_dim)) {
+          decode_fast(op + t * out.stride(0), qp + t * q.stride(0), q.stride(1), out.stride(1), kp, vp, k_strides,
+                      v_strides, tp + b * tables.size(1), lp[b], page_tokens, kv_heads, heads / kv_heads, head_dim,
+                      static_cast<float>(scale));
+          continue;
+        }
         decode_one<scalar_t>(op + t * out.stride(0), qp + t * q.stride(0), q.stride(1), out.stride(1), kp, vp,
                              k_strides, v_strides, tp + b * tables.size(1), lp[b], page_tokens, kv_heads,
                              heads / kv_heads, head_dim, static_cast<float>(scale));

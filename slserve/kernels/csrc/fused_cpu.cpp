@@ -1,0 +1,157 @@
+// The element-wise work between the matmuls of a decoder layer, fused for the CPU path:
+// residual add + RMSNorm, rotary embedding + KV-cache write, and SiLU(gate) * up.
+//
+// At decode batch sizes each of these is a few microseconds of arithmetic behind a chain of
+// torch ops (casts, reductions, temporaries), each with its own dispatch and memory pass. Here
+// each is one pass over a row. They round exactly where the torch path (slserve/model/ops.py)
+// rounds, so in bfloat16 the two agree bit for bit; in float32 they agree to the last bits.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "convert.h"
+
+namespace {
+
+// Rows per task: enough elements that a thread's share outweighs waking it.
+int64_t grain(int64_t row_elems) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_elems)); }
+
+// out[t] = w * T(x[t] / rms(x[t])), after x[t] = T(x[t] + delta[t]) when delta is given.
+template <typename T>
+void add_rms_norm_rows(T* x, int64_t x_stride, const T* delta, int64_t d_stride, T* out, int64_t o_stride,
+                       const T* w, int64_t n, int64_t begin, int64_t end, float eps) {
+  std::vector<float> row(n), wf(n);
+  slserve::to_float(w, wf.data(), n);
+  for (int64_t t = begin; t < end; ++t) {
+    T* xt = x + t * x_stride;
+    if (delta != nullptr) {
+      const T* dt = delta + t * d_stride;
+      for (int64_t j = 0; j < n; ++j) xt[j] = slserve::round_to<T>(static_cast<float>(xt[j]) + static_cast<float>(dt[j]));
+    }
+    slserve::to_float(xt, row.data(), n);
+    float ss = 0.f;
+    for (int64_t j = 0; j < n; ++j) ss += row[j] * row[j];
+    const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+    T* ot = out + t * o_stride;
+    for (int64_t j = 0; j < n; ++j)
+      ot[j] = slserve::round_to<T>(wf[j] * static_cast<float>(slserve::round_to<T>(row[j] * inv)));
+  }
+}
+
+void add_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& delta, const at::Tensor& out,
+                  const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && out.sizes() == x.sizes() && x.stride(1) == 1 && out.stride(1) == 1,
+              "add_rms_norm: x and out are [T, n] with contiguous rows");
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1), "add_rms_norm: weight is [n]");
+  const bool has_delta = delta.has_value() && delta->defined();
+  if (has_delta)
+    TORCH_CHECK(delta->sizes() == x.sizes() && delta->stride(1) == 1, "add_rms_norm: delta is like x");
+  const int64_t T = x.size(0), n = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm", [&] {
+    scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* dp = has_delta ? delta->data_ptr<scalar_t>() : nullptr;
+    const int64_t ds = has_delta ? delta->stride(0) : 0;
+    at::parallel_for(0, T, grain(n), [&](int64_t begin, int64_t end) {
+      add_rms_norm_rows<scalar_t>(xp, x.stride(0), dp, ds, out.data_ptr<scalar_t>(), out.stride(0),
+                                  weight.data_ptr<scalar_t>(), n, begin, end, static_cast<float>(eps));
+    });
+  });
+}
+
+// Rotate-half RoPE on the q and k heads of each row of qkv, in place, then copy the row's k and
+// v heads to the cache rows k_index[t] and v_index[t]. cos and sin are [T, D] in the model
+// dtype; like the torch path, x * cos and rotated * sin are rounded before they are added.
+void rotary_write_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t num_heads,
+                     int64_t num_kv_heads, const at::Tensor& cache_rows, const at::Tensor& k_index,
+                     const at::Tensor& v_index) {
+  const int64_t T = qkv.size(0), D = cos.size(1), half = D / 2;
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(1) == (num_heads + 2 * num_kv_heads) * D,
+              "rotary_write_kv: qkv is [T, (H + 2 KVH) D] with contiguous rows");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == T && sin.sizes() == cos.sizes(),
+              "rotary_write_kv: cos and sin are [T, D]");
+  TORCH_CHECK(cache_rows.is_contiguous() && cache_rows.numel() % (num_kv_heads * D) == 0,
+              "rotary_write_kv: cache rows of KVH * D elements");
+  const auto ki = k_index.to(at::kLong).contiguous(), vi = v_index.to(at::kLong).contiguous();
+  TORCH_CHECK(ki.numel() == T && vi.numel() == T, "rotary_write_kv: one k and one v row per token");
+  const int64_t width = num_kv_heads * D, num_rows = cache_rows.numel() / width;
+  const int64_t* kp = ki.data_ptr<int64_t>();
+  const int64_t* vp = vi.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(kp[t] >= 0 && kp[t] < num_rows && vp[t] >= 0 && vp[t] < num_rows,
+                "rotary_write_kv: cache row out of range");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rotary_write_kv", [&] {
+    using T_ = scalar_t;
+    T_* base = qkv.data_ptr<T_>();
+    T_* rows = cache_rows.data_ptr<T_>();
+    const T_* cp = cos.data_ptr<T_>();
+    const T_* sp = sin.data_ptr<T_>();
+    at::parallel_for(0, T, grain(qkv.size(1)), [&](int64_t begin, int64_t end) {
+      std::vector<float> c(D), s(D);
+      for (int64_t t = begin; t < end; ++t) {
+        slserve::to_float(cp + t * D, c.data(), D);
+        slserve::to_float(sp + t * D, s.data(), D);
+        T_* row = base + t * qkv.stride(0);
+        for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) {
+          T_* x = row + h * D;
+          for (int64_t i = 0; i < half; ++i) {
+            const float x1 = static_cast<float>(x[i]), x2 = static_cast<float>(x[i + half]);
+            const float a1 = static_cast<float>(slserve::round_to<T_>(x1 * c[i]));
+            const float b1 = static_cast<float>(slserve::round_to<T_>(-x2 * s[i]));
+            const float a2 = static_cast<float>(slserve::round_to<T_>(x2 * c[i + half]));
+            const float b2 = static_cast<float>(slserve::round_to<T_>(x1 * s[i + half]));
+            x[i] = slserve::round_to<T_>(a1 + b1);
+            x[i + half] = slserve::round_to<T_>(a2 + b2);
+          }
+        }
+        std::memcpy(rows + kp[t] * width, row + num_heads * D, width * sizeof(T_));
+        std::memcpy(rows + vp[t] * width, row + (num_heads + num_kv_heads) * D, width * sizeof(T_));
+      }
+    });
+  });
+}
+
+// out[t] = T(silu(gate[t])) * up[t] where gu[t] = [gate | up].
+void silu_mul(const at::Tensor& out, const at::Tensor& gu) {
+  const int64_t T = gu.size(0), n = gu.size(1) / 2;
+  TORCH_CHECK(gu.dim() == 2 && gu.stride(1) == 1 && out.dim() == 2 && out.size(0) == T && out.size(1) == n &&
+                  out.stride(1) == 1,
+              "silu_mul: gu is [T, 2n] and out [T, n], with contiguous rows");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gu.scalar_type(), "silu_mul", [&] {
+    const scalar_t* gp = gu.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, grain(2 * n), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t* g = gp + t * gu.stride(0);
+        const scalar_t* u = g + n;
+        scalar_t* o = op + t * out.stride(0);
+        for (int64_t j = 0; j < n; ++j) {
+          // silu(x) = x / (1 + e^-x), with the exponential of -|x| only (it never overflows).
+          const float x = static_cast<float>(g[j]);
+          const float e = slserve::exp_nonpositive(-std::fabs(x));
+          const float silu = x >= 0.f ? x / (1.f + e) : x * e / (1.f + e);
+          o[j] = slserve::round_to<scalar_t>(static_cast<float>(slserve::round_to<scalar_t>(silu)) * static_cast<float>(u[j]));
+        }
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(slserve, m) {
+  m.def("add_rms_norm(Tensor(a!) x, Tensor? delta, Tensor(b!) out, Tensor weight, float eps) -> ()");
+  m.def("rotary_write_kv(Tensor(a!) qkv, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, "
+        "Tensor(b!) cache_rows, Tensor k_index, Tensor v_index) -> ()");
+  m.def("silu_mul(Tensor(a!) out, Tensor gu) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(slserve, CPU, m) {
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("rotary_write_kv", &rotary_write_kv);
+  m.impl("silu_mul", &silu_mul);
+}
