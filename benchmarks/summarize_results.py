@@ -16,6 +16,11 @@ ROWS = [
     ("PEFT, 5 adapters", "peft5"),
     ("PEFT, 100 adapters", "peft100"),
 ]
+SATURATING = [
+    ("slserve, base model only", "slserve-sat-base"),
+    ("slserve, 100 adapters", "slserve-sat-lora100"),
+    ("PEFT, 100 adapters", "peft-sat100"),
+]
 SCALE = [("5 adapters", "slserve-scale5"), ("1000 adapters", "slserve-scale1000"),
          ("2000 adapters", "slserve-scale2000")]
 
@@ -55,6 +60,8 @@ def main() -> None:
     print(table(root, ROWS, relative_to="slserve-base"))
     print()
     print(table(root, SCALE, relative_to="slserve-scale5"))
+    print()
+    print(table(root, SATURATING, relative_to="slserve-sat-base"))
 
 
 if __name__ == "__main__":
