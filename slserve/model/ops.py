@@ -2,8 +2,9 @@
 
 `TorchOps` runs anywhere and is the reference. `CpuOps` runs the same steps as single passes of
 the C++ loops in kernels/csrc/fused_cpu.cpp (a few microseconds each at decode batch sizes,
-where the torch chains cost tens); it rounds where TorchOps rounds, so bfloat16 results match
-bit for bit.
+where the torch chains cost tens); it rounds where TorchOps rounds, so in bfloat16 the norm and
+RoPE results match bit for bit, and SiLU*up to a unit or two in the last place in rare elements
+(its exponential differs from torch's by ~1e-7 relative).
 
     add_norm(x, delta, norm) -> (x, h)      x (+)= delta; h = RMSNorm(x)
     rotary_kv(qkv, cos, sin, ...) -> q      RoPE on q and k, k and v written to the cache

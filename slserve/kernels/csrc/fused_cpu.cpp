@@ -4,7 +4,8 @@
 // At decode batch sizes each of these is a few microseconds of arithmetic behind a chain of
 // torch ops (casts, reductions, temporaries), each with its own dispatch and memory pass. Here
 // each is one pass over a row. They round exactly where the torch path (slserve/model/ops.py)
-// rounds, so in bfloat16 the two agree bit for bit; in float32 they agree to the last bits.
+// rounds, so in bfloat16 norm and RoPE agree bit for bit and SiLU*up to a unit or two in the last
+// place in rare elements (a different exponential); in float32 they agree to the last bits.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
