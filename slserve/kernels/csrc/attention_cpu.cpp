@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
 #include "bf16_simd.h"
@@ -74,15 +73,20 @@ void decode_one(T* out, const T* q, int64_t q_head_stride, int64_t o_head_stride
 }
 
 #if defined(__AVX512BF16__)
-// bfloat16, head_dim a multiple of 32 (see bf16_simd.h). Scores: per key token, each kv head's
-// key row meets its query heads in vdpbf16ps dot products. Output: the softmax weights rounded to
-// bfloat16 (as the torch path's bfloat16 matmul rounds them) and paired over consecutive tokens,
-// against those tokens' value rows interleaved, all accumulators of one kv head's query heads
-// updated per token pair.
-void decode_one_bf16(c10::BFloat16* out, const c10::BFloat16* q, int64_t q_head_stride, int64_t o_head_stride,
-                     const c10::BFloat16* k_cache, const c10::BFloat16* v_cache, const int64_t* k_strides,
-                     const int64_t* v_strides, const int64_t* table, int64_t ctx, int64_t page_tokens,
-                     int64_t kv_heads, int64_t group, int64_t head_dim, float scale) {
+// bfloat16 with head_dim a multiple of 32 (see bf16_simd.h); other head sizes take the loop above.
+// Scores: per key token, each kv head's key row meets its query heads in vdpbf16ps dot products.
+// Output: the softmax weights rounded to bfloat16 (as the torch path's bfloat16 matmul rounds
+// them) and paired over consecutive tokens, against those tokens' value rows interleaved, all
+// accumulators of one kv head's query heads updated per token pair.
+void decode_one(c10::BFloat16* out, const c10::BFloat16* q, int64_t q_head_stride, int64_t o_head_stride,
+                const c10::BFloat16* k_cache, const c10::BFloat16* v_cache, const int64_t* k_strides,
+                const int64_t* v_strides, const int64_t* table, int64_t ctx, int64_t page_tokens, int64_t kv_heads,
+                int64_t group, int64_t head_dim, float scale) {
+  if (head_dim % 32 != 0) {
+    decode_one<c10::BFloat16>(out, q, q_head_stride, o_head_stride, k_cache, v_cache, k_strides, v_strides, table,
+                              ctx, page_tokens, kv_heads, group, head_dim, scale);
+    return;
+  }
   using namespace slserve::bf16;
   const int64_t heads = kv_heads * group, blocks = head_dim / 32, pairs = (ctx + 1) / 2;
   std::vector<float> scores(heads * ctx);
@@ -115,9 +119,9 @@ void decode_one_bf16(c10::BFloat16* out, const c10::BFloat16* q, int64_t q_head_
       for (int64_t b = 0; b < blocks; ++b) {
         __m512 lo[kMaxGroup], hi[kMaxGroup];
         for (int64_t g = 0; g < ng; ++g) lo[g] = hi[g] = _mm512_setzero_ps();
+        const int64_t col = kvh * head_dim + 32 * b;
         for (int64_t j = 0; j < pairs; ++j) {
           const int64_t i = 2 * j;
-          const int64_t col = kvh * head_dim + 32 * b;
           const c10::BFloat16* v0 = v_cache + table[i / page_tokens] * v_strides[0] + (i % page_tokens) * v_strides[1];
           const __m512i w1 = i + 1 < ctx ? _mm512_loadu_si512(v_cache + table[(i + 1) / page_tokens] * v_strides[0] +
                                                               ((i + 1) % page_tokens) * v_strides[1] + col)
@@ -130,32 +134,6 @@ void decode_one_bf16(c10::BFloat16* out, const c10::BFloat16* q, int64_t q_head_
           store_pairs(out + (kvh * group + g0 + g) * o_head_stride + 32 * b, ~__mmask32(0), lo[g], hi[g]);
       }
     }
-}
-#endif
-
-template <typename T>
-bool fast_path(int64_t head_dim) {
-#if defined(__AVX512BF16__)
-  return std::is_same_v<T, c10::BFloat16> && head_dim % 32 == 0;
-#else
-  return false;
-#endif
-}
-
-// Only reached where fast_path said yes.
-template <typename T>
-void decode_fast(T*, const T*, int64_t, int64_t, const T*, const T*, const int64_t*, const int64_t*, const int64_t*,
-                 int64_t, int64_t, int64_t, int64_t, int64_t, float) {
-  TORCH_CHECK(false, "paged_decode_attention: no vectorised loop for this type");
-}
-
-#if defined(__AVX512BF16__)
-template <>
-void decode_fast<c10::BFloat16>(c10::BFloat16* out, const c10::BFloat16* q, int64_t qs, int64_t os,
-                                const c10::BFloat16* k, const c10::BFloat16* v, const int64_t* ks, const int64_t* vs,
-                                const int64_t* table, int64_t ctx, int64_t page_tokens, int64_t kv_heads,
-                                int64_t group, int64_t head_dim, float scale) {
-  decode_one_bf16(out, q, qs, os, k, v, ks, vs, table, ctx, page_tokens, kv_heads, group, head_dim, scale);
 }
 #endif
 
@@ -186,13 +164,8 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t t = ip[b];
-        if (fast_path<scalar_t>(head_dim)) {
-          decode_fast(op + t * out.stride(0), qp + t * q.stride(0), q.stride(1), out.stride(1), kp, vp, k_strides,
-                      v_strides, tp + b * tables.size(1), lp[b], page_tokens, kv_heads, heads / kv_heads, head_dim,
-                      static_cast<float>(scale));
-          continue;
-        }
-        decode_one<scalar_t>(op + t * out.stride(0), qp + t * q.stride(0), q.stride(1), out.stride(1), kp, vp,
+        // The bfloat16 overload, where built, wins over the template.
+        decode_one(op + t * out.stride(0), qp + t * q.stride(0), q.stride(1), out.stride(1), kp, vp,
                              k_strides, v_strides, tp + b * tables.size(1), lp[b], page_tokens, kv_heads,
                              heads / kv_heads, head_dim, static_cast<float>(scale));
       }

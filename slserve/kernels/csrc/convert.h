@@ -22,23 +22,19 @@ inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
 }
 
-// float32 -> bfloat16, round to nearest even (NaN stays a quiet NaN), as c10's conversion does,
-// in integer arithmetic that vectorises.
-inline c10::BFloat16 to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  const uint16_t bits = (u & 0x7fffffffu) > 0x7f800000u ? uint16_t(0x7fc0) : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  return c10::BFloat16(bits, c10::BFloat16::from_bits());
-}
-
 template <typename T>
 inline T round_to(float v) {
   return static_cast<T>(v);
 }
 
+// float32 -> bfloat16, round to nearest even (NaN stays a quiet NaN), as c10's conversion does,
+// in integer arithmetic that vectorises.
 template <>
 inline c10::BFloat16 round_to<c10::BFloat16>(float v) {
-  return to_bf16(v);
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint16_t bits = (u & 0x7fffffffu) > 0x7f800000u ? uint16_t(0x7fc0) : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  return c10::BFloat16(bits, c10::BFloat16::from_bits());
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {

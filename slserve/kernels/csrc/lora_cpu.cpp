@@ -16,7 +16,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <vector>
 
 #include "bf16_simd.h"
@@ -175,9 +174,15 @@ void short_segment<c10::BFloat16>(const c10::BFloat16* x, int64_t x_stride, int6
     max_out = std::max(max_out, (ex.out[e] + 31) / 32 * 32);
     max_pairs = std::max(max_pairs, (ex.rank[e] + 1) / 2);
   }
-  std::vector<float> h(4 * rank);
-  std::vector<uint32_t> hp(4 * max_pairs);
-  float* acc = static_cast<float*>(std::aligned_alloc(64, 4 * max_out * sizeof(float) + 64));
+  // Scratch for up to four tokens, kept per thread across calls (the op runs hundreds of times a
+  // step); __m512 elements keep the accumulators 64-byte aligned.
+  thread_local std::vector<float> h;
+  thread_local std::vector<uint32_t> hp;
+  thread_local std::vector<__m512> acc_vectors;
+  h.resize(4 * rank);
+  hp.resize(4 * max_pairs);
+  acc_vectors.resize(4 * max_out / 16);
+  float* acc = reinterpret_cast<float*>(acc_vectors.data());
   for (int64_t t = 0; t < n; t += 4) {
     const c10::BFloat16* xt = x + t * x_stride;
     c10::BFloat16* yt = y + t * y_stride;
@@ -188,7 +193,6 @@ void short_segment<c10::BFloat16>(const c10::BFloat16* x, int64_t x_stride, int6
       default: bf16::group<1>(xt, x_stride, a, rank, in, yt, y_stride, ex, h.data(), hp.data(), acc); break;
     }
   }
-  std::free(acc);
 }
 #endif
 
@@ -247,23 +251,27 @@ void lora_apply(const at::Tensor& y, const at::Tensor& x, at::IntArrayRef starts
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_apply", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
+    std::vector<Expands<scalar_t>> expands(num_segments);
+    for (const Piece& piece : pieces) {
+      Expands<scalar_t>& ex = expands[piece.segment];
+      if (!ex.bt.empty() || first[piece.segment] == first[piece.segment + 1]) continue;
+      for (int64_t e = first[piece.segment]; e < first[piece.segment + 1]; ++e) {
+        ex.bt.push_back(bt[e].data_ptr<scalar_t>());
+        ex.rank.push_back(bt[e].size(0));
+        ex.out.push_back(bt[e].size(1));
+        ex.h0.push_back(h0[e]);
+        ex.y0.push_back(y0[e]);
+      }
+    }
     at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
       // Part p takes the pieces whose cost midpoint falls in [p, p + 1) * total / parts.
       for (size_t i = 0; i < pieces.size(); ++i) {
         const double mid = (cost_end[i] + (i ? cost_end[i - 1] : 0.0)) / 2 * parts / total;
         if (mid < begin || mid >= end) continue;
         const int64_t s = pieces[i].segment;
-        Expands<scalar_t> ex;
-        for (int64_t e = first[s]; e < first[s + 1]; ++e) {
-          ex.bt.push_back(bt[e].data_ptr<scalar_t>());
-          ex.rank.push_back(bt[e].size(0));
-          ex.out.push_back(bt[e].size(1));
-          ex.h0.push_back(h0[e]);
-          ex.y0.push_back(y0[e]);
-        }
         short_segment<scalar_t>(xp + pieces[i].start * x.stride(0), x.stride(0), pieces[i].n,
                                 a[s].data_ptr<scalar_t>(), a[s].size(0), a[s].size(1),
-                                yp + pieces[i].start * y.stride(0), y.stride(0), ex);
+                                yp + pieces[i].start * y.stride(0), y.stride(0), expands[s]);
       }
     });
   });
