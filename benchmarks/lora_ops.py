@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from slserve.kernels.cpu_ext import lora_apply_op
-from slserve.kernels.lora import apply_lora
+from slserve.kernels.lora import apply_lora, slot_row
 
 
 def bench(fn, reps: int) -> float:
@@ -63,15 +63,17 @@ def main() -> None:
         offsets[i] = cursor
         cursor += sizes[i] + gap
     pool = torch.randn(cursor, dtype=dtype) * 0.02
-    views = []
+    views, rows = [], []
     for off, r in zip(offsets, ranks, strict=True):
         a = pool[off : off + r * n_in].view(r, n_in)
         bt = pool[off + r * n_in : off + r * (n_in + n_out)].view(r, n_out)
-        views.append((a, [(bt, 0, 0)]))
+        views.append((a, bt))
+        rows.append(slot_row(off, r, n_in, [(off + r * n_in, r, n_out, 0, 0)]))
 
     # Tokens grouped by adapter: as even a split as T and S allow.
-    bounds = [round(i * T / S) for i in range(S + 1)]
-    segments = [(bounds[i], bounds[i + 1], views[i]) for i in range(S)]
+    cuts = [round(i * T / S) for i in range(S + 1)]
+    bounds = torch.tensor([[cuts[i], cuts[i + 1]] for i in range(S)], dtype=torch.int64)
+    slots = torch.tensor(rows, dtype=torch.int64)
     x = torch.randn(T, n_in, dtype=dtype)
     y = torch.zeros(T, n_out, dtype=dtype)
     w = torch.randn(n_out, n_in, dtype=dtype) * 0.02
@@ -80,10 +82,10 @@ def main() -> None:
     # (built once, outside the timing), then one gathered bmm pair over the tokens.
     a_pad = torch.zeros(S, n_in, max_rank, dtype=dtype)
     b_pad = torch.zeros(S, max_rank, n_out, dtype=dtype)
-    for i, (a, ((bt, _, _),)) in enumerate(views):
+    for i, (a, bt) in enumerate(views):
         a_pad[i, :, : ranks[i]] = a.t()
         b_pad[i, : ranks[i]] = bt
-    token_adapter = torch.cat([torch.full((e - s,), i) for i, (s, e, _) in enumerate(segments)])
+    token_adapter = torch.cat([torch.full((cuts[i + 1] - cuts[i],), i) for i in range(S)])
 
     y_pad = torch.zeros_like(y)
 
@@ -92,14 +94,12 @@ def main() -> None:
         return y_pad + torch.bmm(h, b_pad[token_adapter])[:, 0]
 
     def ours_python():
-        apply_lora(y, x, segments)
+        apply_lora(y, x, pool, bounds, slots)
 
     op = lora_apply_op()
-    packed = ([s0 for s0, _, _ in segments], [s1 for _, s1, _ in segments], [w[0] for _, _, w in segments],
-              [1] * S, [w[1][0][0] for _, _, w in segments], [0] * S, [0] * S)
 
     def ours():  # the engine's CPU path: the C++ loop (kernels/csrc/lora_cpu.cpp)
-        op(y, x, *packed)
+        op(y, x, pool, bounds, slots)
 
     def dense():
         return torch.nn.functional.linear(x, w)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from slserve.kernels.attention import AttentionGroup, build_attention_groups
-from slserve.lora_batch import LoRABatch
+from slserve.model.layers import LoRAHook
 from slserve.request import Request
 
 
@@ -23,7 +23,7 @@ class ForwardBatch:
     query_start: torch.Tensor | None  # [S + 1] int32
     logits_index: torch.Tensor  # [R] long: the token whose logits sample each request below
     sample_requests: list[Request]
-    lora: LoRABatch | None
+    lora: LoRAHook | None
 
 
 def build_batch(

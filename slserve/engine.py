@@ -175,7 +175,7 @@ class Engine:
     def _make_lora(self, segments):
         if self.backend == "triton":
             return TritonLoRABatch(segments, self.pool.flat, self._columns, self._out_features)
-        return LoRABatch(segments, self._lora_op)
+        return LoRABatch(segments, self.pool.flat, self._lora_op)
 
     def _append(self, req: Request, token: int, lp, now: float) -> StepOutput:
         req.token_ids.append(token)

@@ -11,42 +11,33 @@ import torch
 from slserve.kernels.lora import apply_lora
 from slserve.memory.adapter_pages import GROUPS, DeviceAdapter
 
+GROUP_INDEX = {group: g for g, group in enumerate(GROUPS)}
+
 
 class LoRABatch:
     """Torch path. `op` is the C++ loop (kernels/cpu_ext.py) when it could be built, else the
-    same loop runs in Python."""
+    same loop runs in Python (kernels/lora.py:apply_lora). Each call hands the op the segments'
+    slot-table rows for one (layer, group): views sliced here once per step, not per call."""
 
-    def __init__(self, segments: list[tuple[int, int, DeviceAdapter]], op=None):
+    def __init__(self, segments: list[tuple[int, int, DeviceAdapter]], pool_flat: torch.Tensor, op=None):
         self.segments = segments
-        self.op = op
+        self.op = op or apply_lora
+        self.pool = pool_flat
+        self.bounds = torch.tensor([[s0, s1] for s0, s1, _ in segments], dtype=torch.int64)
+        # [segments, layers, groups, fields] -> per layer, per group: [segments, fields]
+        stacked = torch.stack([dev.table for _, _, dev in segments]).permute(1, 2, 0, 3).contiguous()
+        self.slots = [layer.unbind(0) for layer in stacked.unbind(0)]
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, group: str) -> None:
-        if self.op is None:
-            apply_lora(y, x, [(s0, s1, dev.views[layer][group]) for s0, s1, dev in self.segments])
-            return
-        starts, ends, a, n_expand, bt, h0, y0 = [], [], [], [], [], [], []
-        for s0, s1, dev in self.segments:
-            w = dev.views[layer][group]
-            if w is None:
-                continue
-            starts.append(s0)
-            ends.append(s1)
-            a.append(w[0])
-            n_expand.append(len(w[1]))
-            for b, hh, yy in w[1]:
-                bt.append(b)
-                h0.append(hh)
-                y0.append(yy)
-        if starts:
-            self.op(y, x, starts, ends, a, n_expand, bt, h0, y0)
+        self.op(y, x, self.pool, self.bounds, self.slots[layer][GROUP_INDEX[group]])
 
 
-class TritonLoRABatch(LoRABatch):
+class TritonLoRABatch:
     """The same state as offset tables for the Triton kernels: [num_layers, segments] per field."""
 
     def __init__(self, segments: list[tuple[int, int, DeviceAdapter]], pool_flat: torch.Tensor,
                  columns: dict[str, int], out_features: dict[str, int]):
-        super().__init__(segments)
+        self.segments = segments
         from slserve.kernels.triton_lora import lora_expand_triton, lora_shrink_triton
 
         self._shrink, self._expand = lora_shrink_triton, lora_expand_triton

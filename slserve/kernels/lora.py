@@ -58,19 +58,37 @@ def lora_expand(
     return y
 
 
-def apply_lora(
-    y: torch.Tensor, x: torch.Tensor, segments: list[tuple[int, int, tuple | None]]
-) -> None:
-    """The model's hot path: the same math with views prepared once per adapter residency.
+# One row per (segment, layer, group) tells the op where that adapter's weights sit in the pool:
+#   [a_off, rank, in, num_expands, then (b_off, r, out, h0, y0) for each expand]
+# rank 0 means the adapter does not target the group. kernels/csrc/lora_cpu.cpp reads the same
+# layout. A fused group has at most three modules (q, k, v).
+MAX_EXPANDS = 3
+SLOT_FIELDS = 4 + 5 * MAX_EXPANDS
 
-    segments: (start, end, weights) with weights = (A [R, in], [(BT [r, out], h0, y0), ...]) or
-    None when the adapter does not target this group.
+
+def slot_row(a_off: int, rank: int, in_features: int, expands: list[tuple[int, int, int, int, int]]) -> list[int]:
+    """A slot-table row: A [rank, in] at a_off, and (b_off, r, out, h0, y0) per expand."""
+    if len(expands) > MAX_EXPANDS:
+        raise ValueError(f"at most {MAX_EXPANDS} expands per group")
+    row = [a_off, rank, in_features, len(expands)]
+    for e in expands:
+        row.extend(e)
+    return row + [0] * (SLOT_FIELDS - len(row))
+
+
+def apply_lora(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, bounds: torch.Tensor,
+               slots: torch.Tensor) -> None:
+    """The model's hot path, in torch: the C++ op (kernels/csrc/lora_cpu.cpp) has this contract.
+
+    bounds: int64 [S, 2], each segment's (start, end) token rows; slots: int64 [S, SLOT_FIELDS],
+    each segment's slot-table row for the layer and group being applied. In place on y.
     """
-    for s0, s1, w in segments:
-        if w is None:
+    for (s0, s1), row in zip(bounds.tolist(), slots.tolist(), strict=True):
+        a_off, rank, in_f, n_expand = row[:4]
+        if s1 <= s0 or rank == 0:
             continue
-        a, expands = w
-        h = torch.mm(x[s0:s1], a.t())
-        for bt, h0, y0 in expands:
-            r, out = bt.shape
+        h = torch.mm(x[s0:s1], pool[a_off : a_off + rank * in_f].view(rank, in_f).t())
+        for e in range(n_expand):
+            b_off, r, out, h0, y0 = row[4 + 5 * e : 9 + 5 * e]
+            bt = pool[b_off : b_off + r * out].view(r, out)
             y[s0:s1, y0 : y0 + out].addmm_(h[:, h0 : h0 + r], bt)

@@ -11,7 +11,9 @@ Layout of one adapter in the pool. Each layer's weights form one contiguous bloc
 
 (absent modules take no room; B^T already carries the module's scale). Layer blocks are packed
 into as few runs of consecutive pages as the free space allows, so a block is always contiguous
-and the CPU path reads every matrix as a view; nothing is padded to a maximum rank.
+and every matrix is one range of the pool; nothing is padded to a maximum rank. Where each
+matrix sits is written once per residency into the adapter's slot table (kernels/lora.py), which
+the LoRA op reads directly.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
+
 from slserve.adapters.peft_format import LoRAAdapter
 from slserve.config import ModelConfig
+from slserve.kernels.lora import SLOT_FIELDS, slot_row
 from slserve.memory.pool import Owner, PagePool
 
 logger = logging.getLogger(__name__)
@@ -60,7 +65,7 @@ class DeviceAdapter:
     adapter: LoRAAdapter
     runs: list[tuple[int, int]]  # (first page, page count)
     slots: list[dict[str, LayerSlot]]  # per layer
-    views: list[dict[str, tuple | None]]  # per layer: group -> (A, [(BT, h0, y0)]) for apply_lora
+    table: torch.Tensor  # int64 [layers, len(GROUPS), SLOT_FIELDS]: the same, for the LoRA op
     num_pages: int
     pins: int = 0
     stale: bool = False  # replaced or deleted: freed once the last user lets go
@@ -285,26 +290,24 @@ class DeviceAdapterCache:
                     off += r * shapes[mod][1]
                     h0 += r
             slots.append(layer_slots)
-        dev = DeviceAdapter(
-            name=adapter.name, adapter=adapter, runs=runs, slots=slots, views=[],
+        return DeviceAdapter(
+            name=adapter.name, adapter=adapter, runs=runs, slots=slots, table=self._table(slots),
             num_pages=sum(n for _, n in runs),
         )
-        dev.views = [self._views(layer_slots) for layer_slots in slots]
-        return dev
 
-    def _views(self, layer_slots: dict[str, LayerSlot]) -> dict[str, tuple | None]:
-        flat, shapes = self.pool.flat, self.model.module_shapes()
-        views: dict[str, tuple | None] = dict.fromkeys(GROUPS)
-        for group, slot in layer_slots.items():
-            in_f = shapes[GROUPS[group][0]][0]
-            a = flat[slot.a_off : slot.a_off + slot.rank * in_f].view(slot.rank, in_f)
-            expands = []
-            for mod, b_off, h0, r in slot.expands:
-                out_f = shapes[mod][1]
-                bt = flat[b_off : b_off + r * out_f].view(r, out_f)
-                expands.append((bt, h0, self._columns[mod]))
-            views[group] = (a, expands)
-        return views
+    def _table(self, slots: list[dict[str, LayerSlot]]) -> torch.Tensor:
+        shapes = self.model.module_shapes()
+        table = torch.zeros(len(slots), len(GROUPS), SLOT_FIELDS, dtype=torch.int64)
+        for layer, layer_slots in enumerate(slots):
+            for g, group in enumerate(GROUPS):
+                slot = layer_slots.get(group)
+                if slot is None:
+                    continue  # rank 0: the adapter leaves this group alone
+                expands = [(b_off, r, shapes[mod][1], h0, self._columns[mod])
+                           for mod, b_off, h0, r in slot.expands]
+                row = slot_row(slot.a_off, slot.rank, shapes[GROUPS[group][0]][0], expands)
+                table[layer, g] = torch.tensor(row)
+        return table
 
     def _copy(self, dev: DeviceAdapter) -> None:
         """Write the host weights into the adapter's pages (scale folded into B^T)."""

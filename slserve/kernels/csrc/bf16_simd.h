@@ -20,6 +20,9 @@ inline __mmask32 mask32(int64_t k) { return k >= 32 ? ~__mmask32(0) : (__mmask32
 
 inline __m512i load32i(const c10::BFloat16* p, __mmask32 m) { return _mm512_maskz_loadu_epi16(m, p); }
 
+// Ask for the cache line holding p (no fault if p is past the end of a mapping).
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
 inline __m512bh bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
 
 // Two bfloat16 values as one 32-bit word: the operand vdpbf16ps pairs with an interleaved lane.

@@ -1,8 +1,9 @@
-// Batched mixed-rank LoRA for the CPU path: the loop over adapter segments of
-// slserve/kernels/lora.py:apply_lora, in C++.
+// Batched mixed-rank LoRA for the CPU path: slserve/kernels/lora.py:apply_lora in C++.
 //
-// For segment s (tokens starts[s]:ends[s]) with stacked A [R, in] and expands
-// (BT [r, out], h0, y0):   h = x[seg] @ A^T ;   y[seg, y0:y0+out] += h[:, h0:h0+r] @ BT
+// For segment s (token rows bounds[s]) whose slot-table row names a stacked A [R, in] and expands
+// (BT [r, out], h0, y0) in the pool:   h = x[seg] @ A^T ;   y[seg, y0:y0+out] += h[:, h0:h0+r] @ BT
+// The table is built once per adapter residency, so a call costs one dispatch whatever the
+// number of adapters in the batch.
 //
 // Decode segments hold a handful of tokens. There a library matmul spends more time setting up
 // than computing (tens of microseconds for a bfloat16 call), so short segments use loops that
@@ -35,17 +36,46 @@ constexpr bool kBf16Simd = true;
 constexpr bool kBf16Simd = false;
 #endif
 
-// Everything a short segment needs besides its tokens: A, and one (B^T, rank, out, h0, y0) per
-// expand.
+// The slot-table row layout of slserve/kernels/lora.py (SLOT_FIELDS):
+//   [a_off, rank, in, num_expands, then (b_off, r, out, h0, y0) per expand]
+constexpr int kMaxExpands = 3;
+constexpr int kExpandFields = 5;
+constexpr int kSlotFields = 4 + kMaxExpands * kExpandFields;
+
+// One segment's weights, resolved to pointers: A [rank, in] and each expand's B^T [r, out], the
+// h columns it reads (h0) and the y columns it writes (y0).
 template <typename T>
-struct Expands {
-  std::vector<const T*> bt;
-  std::vector<int64_t> rank, out, h0, y0;
+struct Slot {
+  const T* a;
+  int64_t rank, in;
+  int n;
+  const T* bt[kMaxExpands];
+  int64_t r[kMaxExpands], out[kMaxExpands], h0[kMaxExpands], y0[kMaxExpands];
 };
 
 template <typename T>
-void short_segment(const T* x, int64_t x_stride, int64_t n, const T* a, int64_t rank, int64_t in,
-                   T* y, int64_t y_stride, const Expands<T>& ex) {
+Slot<T> read_slot(const int64_t* row, const T* pool) {
+  Slot<T> s;
+  s.a = pool + row[0];
+  s.rank = row[1];
+  s.in = row[2];
+  s.n = static_cast<int>(row[3]);
+  for (int e = 0; e < s.n; ++e) {
+    const int64_t* f = row + 4 + kExpandFields * e;
+    s.bt[e] = pool + f[0];
+    s.r[e] = f[1];
+    s.out[e] = f[2];
+    s.h0[e] = f[3];
+    s.y0[e] = f[4];
+  }
+  return s;
+}
+
+template <typename T>
+void short_segment(const T* x, int64_t x_stride, int64_t n, T* y, int64_t y_stride, const Slot<T>& sl,
+                   const T* /*after: the next piece's A, for prefetching*/) {
+  const T* a = sl.a;
+  const int64_t rank = sl.rank, in = sl.in;
   std::vector<float> xf(n * in);
   for (int64_t t = 0; t < n; ++t) slserve::to_float(x + t * x_stride, xf.data() + t * in, in);
   std::vector<float> h(n * rank), af(in);
@@ -53,20 +83,20 @@ void short_segment(const T* x, int64_t x_stride, int64_t n, const T* a, int64_t 
     slserve::to_float(a + r * in, af.data(), in);
     for (int64_t t = 0; t < n; ++t) h[t * rank + r] = slserve::dot(xf.data() + t * in, af.data(), in);
   }
-  for (size_t e = 0; e < ex.bt.size(); ++e) {
-    const int64_t out = ex.out[e];
+  for (int e = 0; e < sl.n; ++e) {
+    const int64_t out = sl.out[e];
     std::vector<float> acc(n * out), bf(out);
-    for (int64_t t = 0; t < n; ++t) slserve::to_float(y + t * y_stride + ex.y0[e], acc.data() + t * out, out);
-    for (int64_t r = 0; r < ex.rank[e]; ++r) {
-      slserve::to_float(ex.bt[e] + r * out, bf.data(), out);
+    for (int64_t t = 0; t < n; ++t) slserve::to_float(y + t * y_stride + sl.y0[e], acc.data() + t * out, out);
+    for (int64_t r = 0; r < sl.r[e]; ++r) {
+      slserve::to_float(sl.bt[e] + r * out, bf.data(), out);
       for (int64_t t = 0; t < n; ++t) {
-        const float hv = h[t * rank + ex.h0[e] + r];
+        const float hv = h[t * rank + sl.h0[e] + r];
         float* at = acc.data() + t * out;
         for (int64_t j = 0; j < out; ++j) at[j] += hv * bf[j];
       }
     }
     for (int64_t t = 0; t < n; ++t) {
-      T* yt = y + t * y_stride + ex.y0[e];
+      T* yt = y + t * y_stride + sl.y0[e];
       for (int64_t j = 0; j < out; ++j) yt[j] = static_cast<T>(acc[t * out + j]);
     }
   }
@@ -75,27 +105,42 @@ void short_segment(const T* x, int64_t x_stride, int64_t n, const T* a, int64_t 
 #if defined(__AVX512BF16__)
 // bfloat16 with AVX512-BF16 (see bf16_simd.h). Decode segments are bound by reading the
 // adapter's weights, so both halves stream their weight rows exactly once, straight from memory
-// into vdpbf16ps: the shrink as dot products against each token, the expand two B^T rows at a
-// time against the broadcast pair (h[r], h[r + 1]) (rounded to bfloat16, as the torch path's
-// bfloat16 matmul rounds h), four rows per pass over the float32 accumulators. Tokens go in
-// groups of up to four, each with its own accumulators.
+// into vdpbf16ps: the shrink as dot products against each token, four A rows at a time so that
+// independent accumulator chains keep loads in flight; the expand two B^T rows at a time against
+// the broadcast pair (h[r], h[r + 1]) (rounded to bfloat16, as the torch path's bfloat16 matmul
+// rounds h), four rows per pass over the float32 accumulators. Tokens go in groups of up to four,
+// each with its own accumulators.
 namespace bf16 {
 using namespace slserve::bf16;
 
-// h[t, r] = x[t] . A[r] for NT tokens.
+// Each pass over a weight matrix prefetches as many bytes of what comes next as it reads: the
+// next pass's rows, and during the last pass the start of `after`, the matrix read next. The
+// hardware prefetchers alone stall at every one of the thousands of small matrices a step reads.
+
+// h[t, r] = x[t] . A[r] for NT tokens, RB rows of A per pass.
 template <int NT>
 void shrink(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* a, int64_t rank, int64_t in,
-            float* h, int64_t h_stride) {
-  for (int64_t r = 0; r < rank; ++r) {
-    const c10::BFloat16* ar = a + r * in;
-    __m512 acc[NT];
-    for (int i = 0; i < NT; ++i) acc[i] = _mm512_setzero_ps();
+            float* h, int64_t h_stride, const c10::BFloat16* after) {
+  constexpr int RB = NT <= 2 ? 4 : 2;
+  for (int64_t r0 = 0; r0 < rank; r0 += RB) {
+    const int rows = static_cast<int>(std::min<int64_t>(RB, rank - r0));
+    __m512 acc[RB][NT];
+    for (int b = 0; b < RB; ++b)
+      for (int i = 0; i < NT; ++i) acc[b][i] = _mm512_setzero_ps();
+    const c10::BFloat16* next = r0 + RB < rank ? a + (r0 + RB) * in : after;
     for (int64_t k = 0; k < in; k += 32) {
+      for (int b = 0; b < RB; ++b) prefetch(next + RB * k + 32 * b);
       const __mmask32 m = mask32(in - k);
-      const __m512bh av = bh(load32i(ar + k, m));
-      for (int i = 0; i < NT; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], av, bh(load32i(x + i * x_stride + k, m)));
+      __m512bh xv[NT];
+      for (int i = 0; i < NT; ++i) xv[i] = bh(load32i(x + i * x_stride + k, m));
+      for (int b = 0; b < RB; ++b) {
+        if (b >= rows) break;
+        const __m512bh av = bh(load32i(a + (r0 + b) * in + k, m));
+        for (int i = 0; i < NT; ++i) acc[b][i] = _mm512_dpbf16_ps(acc[b][i], av, xv[i]);
+      }
     }
-    for (int i = 0; i < NT; ++i) h[i * h_stride + r] = _mm512_reduce_add_ps(acc[i]);
+    for (int b = 0; b < rows; ++b)
+      for (int i = 0; i < NT; ++i) h[i * h_stride + r0 + b] = _mm512_reduce_add_ps(acc[b][i]);
   }
 }
 
@@ -110,7 +155,8 @@ void pack_pairs(const float* h, int64_t h_stride, int64_t rank, uint32_t* hp) {
 
 // acc (lo/hi order, 32 floats per block) += sum_r h[t, r] * BT[r, :] for NT tokens.
 template <int NT>
-void expand(const uint32_t* hp, const c10::BFloat16* bt, int64_t rank, int64_t out, float* acc, int64_t acc_stride) {
+void expand(const uint32_t* hp, const c10::BFloat16* bt, int64_t rank, int64_t out, float* acc, int64_t acc_stride,
+            const c10::BFloat16* after) {
   const int64_t pairs = (rank + 1) / 2;
   const __m512i zero = _mm512_setzero_si512();
   for (int64_t p = 0; p < pairs; p += 2) {
@@ -122,7 +168,9 @@ void expand(const uint32_t* hp, const c10::BFloat16* bt, int64_t rank, int64_t o
       h0[i] = _mm512_set1_epi32(static_cast<int32_t>(hp[i * pairs + p]));
       h1[i] = two ? _mm512_set1_epi32(static_cast<int32_t>(hp[i * pairs + p + 1])) : zero;
     }
+    const c10::BFloat16* next = p + 2 < pairs ? b + 4 * out : after;
     for (int64_t j = 0; j < out; j += 32) {
+      for (int q = 0; q < 4; ++q) prefetch(next + 4 * j + 32 * q);
       const __mmask32 m = mask32(out - j);
       const __m512i w0 = load32i(b + j, m), w1 = r1 ? load32i(b + out + j, m) : zero;
       const __m512i w2 = r2 ? load32i(b + 2 * out + j, m) : zero, w3 = r3 ? load32i(b + 3 * out + j, m) : zero;
@@ -140,25 +188,24 @@ void expand(const uint32_t* hp, const c10::BFloat16* bt, int64_t rank, int64_t o
 }
 
 template <int NT>
-void group(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* a, int64_t rank, int64_t in,
-           c10::BFloat16* y, int64_t y_stride, const Expands<c10::BFloat16>& ex, float* h, uint32_t* hp,
-           float* acc) {
-  shrink<NT>(x, x_stride, a, rank, in, h, rank);
-  for (size_t e = 0; e < ex.bt.size(); ++e) {
-    const int64_t out = ex.out[e], acc_stride = (out + 31) / 32 * 32;
+void group(const c10::BFloat16* x, int64_t x_stride, c10::BFloat16* y, int64_t y_stride,
+           const Slot<c10::BFloat16>& sl, float* h, uint32_t* hp, float* acc, const c10::BFloat16* after) {
+  shrink<NT>(x, x_stride, sl.a, sl.rank, sl.in, h, sl.rank, sl.n ? sl.bt[0] : after);
+  for (int e = 0; e < sl.n; ++e) {
+    const int64_t out = sl.out[e], acc_stride = (out + 31) / 32 * 32;
     for (int i = 0; i < NT; ++i)
       for (int64_t j = 0; j < out; j += 32) {
         __m512 lo, hi;
-        widen_pairs(y + i * y_stride + ex.y0[e] + j, mask32(out - j), lo, hi);
+        widen_pairs(y + i * y_stride + sl.y0[e] + j, mask32(out - j), lo, hi);
         _mm512_store_ps(acc + i * acc_stride + j, lo);
         _mm512_store_ps(acc + i * acc_stride + j + 16, hi);
       }
-    pack_pairs<NT>(h + ex.h0[e], rank, ex.rank[e], hp);
-    expand<NT>(hp, ex.bt[e], ex.rank[e], out, acc, acc_stride);
+    pack_pairs<NT>(h + sl.h0[e], sl.rank, sl.r[e], hp);
+    expand<NT>(hp, sl.bt[e], sl.r[e], out, acc, acc_stride, e + 1 < sl.n ? sl.bt[e + 1] : after);
     for (int i = 0; i < NT; ++i)
       for (int64_t j = 0; j < out; j += 32) {
         const float* ai = acc + i * acc_stride + j;
-        store_pairs(y + i * y_stride + ex.y0[e] + j, mask32(out - j), _mm512_load_ps(ai), _mm512_load_ps(ai + 16));
+        store_pairs(y + i * y_stride + sl.y0[e] + j, mask32(out - j), _mm512_load_ps(ai), _mm512_load_ps(ai + 16));
       }
   }
 }
@@ -166,48 +213,77 @@ void group(const c10::BFloat16* x, int64_t x_stride, const c10::BFloat16* a, int
 }  // namespace bf16
 
 template <>
-void short_segment<c10::BFloat16>(const c10::BFloat16* x, int64_t x_stride, int64_t n, const c10::BFloat16* a,
-                                  int64_t rank, int64_t in, c10::BFloat16* y, int64_t y_stride,
-                                  const Expands<c10::BFloat16>& ex) {
+void short_segment<c10::BFloat16>(const c10::BFloat16* x, int64_t x_stride, int64_t n, c10::BFloat16* y,
+                                  int64_t y_stride, const Slot<c10::BFloat16>& sl, const c10::BFloat16* after) {
   int64_t max_out = 0, max_pairs = 0;
-  for (size_t e = 0; e < ex.out.size(); ++e) {
-    max_out = std::max(max_out, (ex.out[e] + 31) / 32 * 32);
-    max_pairs = std::max(max_pairs, (ex.rank[e] + 1) / 2);
+  for (int e = 0; e < sl.n; ++e) {
+    max_out = std::max(max_out, (sl.out[e] + 31) / 32 * 32);
+    max_pairs = std::max(max_pairs, (sl.r[e] + 1) / 2);
   }
   // Scratch for up to four tokens, kept per thread across calls (the op runs hundreds of times a
   // step); __m512 elements keep the accumulators 64-byte aligned.
   thread_local std::vector<float> h;
   thread_local std::vector<uint32_t> hp;
   thread_local std::vector<__m512> acc_vectors;
-  h.resize(4 * rank);
+  h.resize(4 * sl.rank);
   hp.resize(4 * max_pairs);
   acc_vectors.resize(4 * max_out / 16);
   float* acc = reinterpret_cast<float*>(acc_vectors.data());
   for (int64_t t = 0; t < n; t += 4) {
     const c10::BFloat16* xt = x + t * x_stride;
     c10::BFloat16* yt = y + t * y_stride;
+    const c10::BFloat16* then = t + 4 < n ? sl.a : after;  // the same weights again, from cache
     switch (std::min<int64_t>(4, n - t)) {
-      case 4: bf16::group<4>(xt, x_stride, a, rank, in, yt, y_stride, ex, h.data(), hp.data(), acc); break;
-      case 3: bf16::group<3>(xt, x_stride, a, rank, in, yt, y_stride, ex, h.data(), hp.data(), acc); break;
-      case 2: bf16::group<2>(xt, x_stride, a, rank, in, yt, y_stride, ex, h.data(), hp.data(), acc); break;
-      default: bf16::group<1>(xt, x_stride, a, rank, in, yt, y_stride, ex, h.data(), hp.data(), acc); break;
+      case 4: bf16::group<4>(xt, x_stride, yt, y_stride, sl, h.data(), hp.data(), acc, then); break;
+      case 3: bf16::group<3>(xt, x_stride, yt, y_stride, sl, h.data(), hp.data(), acc, then); break;
+      case 2: bf16::group<2>(xt, x_stride, yt, y_stride, sl, h.data(), hp.data(), acc, then); break;
+      default: bf16::group<1>(xt, x_stride, yt, y_stride, sl, h.data(), hp.data(), acc, then); break;
     }
   }
 }
 #endif
 
-void lora_apply(const at::Tensor& y, const at::Tensor& x, at::IntArrayRef starts, at::IntArrayRef ends,
-                at::TensorList a, at::IntArrayRef n_expand, at::TensorList bt, at::IntArrayRef h0,
-                at::IntArrayRef y0) {
-  const int64_t num_segments = static_cast<int64_t>(starts.size());
-  TORCH_CHECK(ends.size() == starts.size() && a.size() == starts.size() && n_expand.size() == starts.size(),
-              "lora_apply: one start, end, A and expand count per segment");
-  std::vector<int64_t> first(num_segments + 1, 0);
-  for (int64_t s = 0; s < num_segments; ++s) first[s + 1] = first[s] + n_expand[s];
-  TORCH_CHECK(static_cast<int64_t>(bt.size()) == first[num_segments] && h0.size() == bt.size() &&
-                  y0.size() == bt.size(),
-              "lora_apply: one BT, h0 and y0 per expand");
+// y[seg] += LoRA(x[seg]) for every segment; see slserve/kernels/lora.py:apply_lora.
+void lora_apply(const at::Tensor& y, const at::Tensor& x, const at::Tensor& pool, const at::Tensor& bounds,
+                const at::Tensor& slots) {
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "lora_apply: x and y are [tokens, features]");
   TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, "lora_apply: rows of x and y must be contiguous");
+  TORCH_CHECK(pool.dim() == 1 && pool.is_contiguous() && pool.scalar_type() == x.scalar_type() &&
+                  y.scalar_type() == x.scalar_type(),
+              "lora_apply: the pool is one flat tensor of x's dtype");
+  TORCH_CHECK(bounds.scalar_type() == at::kLong && bounds.dim() == 2 && bounds.size(1) == 2 && bounds.is_contiguous(),
+              "lora_apply: bounds is int64 [segments, 2]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 2 && slots.size(0) == bounds.size(0) &&
+                  slots.size(1) == kSlotFields && slots.stride(1) == 1,
+              "lora_apply: slots is int64 [segments, ", kSlotFields, "] with contiguous rows");
+  const int64_t num_segments = bounds.size(0), pool_size = pool.numel();
+  const int64_t* bp = bounds.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t slot_stride = slots.stride(0);
+  auto row_of = [&](int64_t s) { return sp + s * slot_stride; };
+  // Validate every segment that will run before touching memory: the rows sit inside x and y,
+  // and every matrix inside the pool and its columns inside y.
+  int64_t cols_total = 0;
+  std::vector<int64_t> cols(num_segments, 0);
+  for (int64_t s = 0; s < num_segments; ++s) {
+    const int64_t s0 = bp[2 * s], s1 = bp[2 * s + 1];
+    const int64_t* row = row_of(s);
+    if (s1 <= s0 || row[1] == 0) continue;
+    TORCH_CHECK(s0 >= 0 && s1 <= x.size(0), "lora_apply: segment rows outside the batch");
+    TORCH_CHECK(row[1] > 0 && row[2] == x.size(1) && row[0] >= 0 && row[0] + row[1] * row[2] <= pool_size &&
+                    row[3] >= 0 && row[3] <= kMaxExpands,
+                "lora_apply: segment ", s, " has a bad A slot");
+    cols[s] = row[2];
+    for (int64_t e = 0; e < row[3]; ++e) {
+      const int64_t* f = row + 4 + kExpandFields * e;
+      TORCH_CHECK(f[1] >= 0 && f[2] > 0 && f[0] >= 0 && f[0] + f[1] * f[2] <= pool_size && f[3] >= 0 &&
+                      f[3] + f[1] <= row[1] && f[4] >= 0 && f[4] + f[2] <= y.size(1),
+                  "lora_apply: segment ", s, " has a bad expand slot");
+      cols[s] += f[2];
+    }
+    cols_total += cols[s];
+  }
+  if (cols_total == 0) return;
   // Which segments run as loops here: all of them for bfloat16 with AVX512-BF16 (the loops
   // beat a library matmul at every segment length these adapters have), otherwise the short ones.
   // The rest go through ATen's matmuls, which bring their own threading, on this thread (ATen ops
@@ -218,21 +294,20 @@ void lora_apply(const at::Tensor& y, const at::Tensor& x, at::IntArrayRef starts
   };
   std::vector<Piece> pieces;
   for (int64_t s = 0; s < num_segments; ++s) {
-    const int64_t n = ends[s] - starts[s];
-    if (n <= 0) continue;
+    const int64_t s0 = bp[2 * s], n = bp[2 * s + 1] - s0;
+    if (cols[s] == 0) continue;
     if (all_loops || n <= kShortSegment) {
-      TORCH_CHECK(a[s].is_contiguous(), "lora_apply: A must be contiguous");
-      for (int64_t e = first[s]; e < first[s + 1]; ++e)
-        TORCH_CHECK(bt[e].is_contiguous(), "lora_apply: B^T must be contiguous");
       // Tokens are independent, so a long segment splits into pieces that threads share.
-      for (int64_t t = 0; t < n; t += kShortSegment)
-        pieces.push_back({s, starts[s] + t, std::min(kShortSegment, n - t)});
+      for (int64_t t = 0; t < n; t += kShortSegment) pieces.push_back({s, s0 + t, std::min(kShortSegment, n - t)});
       continue;
     }
-    const at::Tensor h = at::mm(x.narrow(0, starts[s], n), a[s].t());
-    for (int64_t e = first[s]; e < first[s + 1]; ++e) {
-      at::Tensor out = y.narrow(0, starts[s], n).narrow(1, y0[e], bt[e].size(1));
-      out.addmm_(h.narrow(1, h0[e], bt[e].size(0)), bt[e]);
+    const int64_t* row = row_of(s);
+    const at::Tensor a = pool.narrow(0, row[0], row[1] * row[2]).view({row[1], row[2]});
+    const at::Tensor h = at::mm(x.narrow(0, s0, n), a.t());
+    for (int64_t e = 0; e < row[3]; ++e) {
+      const int64_t* f = row + 4 + kExpandFields * e;
+      const at::Tensor bt = pool.narrow(0, f[0], f[1] * f[2]).view({f[1], f[2]});
+      y.narrow(0, s0, n).narrow(1, f[4], f[2]).addmm_(h.narrow(1, f[3], f[1]), bt);
     }
   }
   if (pieces.empty()) return;
@@ -242,36 +317,25 @@ void lora_apply(const at::Tensor& y, const at::Tensor& x, at::IntArrayRef starts
   double total = 0;
   for (size_t i = 0; i < pieces.size(); ++i) {
     const int64_t s = pieces[i].segment;
-    int64_t cols = a[s].size(1);
-    for (int64_t e = first[s]; e < first[s + 1]; ++e) cols += bt[e].size(1);
-    total += static_cast<double>(a[s].size(0)) * cols * (kTokensPerWeightRead + pieces[i].n);
+    total += static_cast<double>(row_of(s)[1]) * cols[s] * (kTokensPerWeightRead + pieces[i].n);
     cost_end[i] = total;
   }
   const int64_t parts = std::min<int64_t>(at::get_num_threads(), pieces.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_apply", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* pp = pool.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    std::vector<Expands<scalar_t>> expands(num_segments);
-    for (const Piece& piece : pieces) {
-      Expands<scalar_t>& ex = expands[piece.segment];
-      if (!ex.bt.empty() || first[piece.segment] == first[piece.segment + 1]) continue;
-      for (int64_t e = first[piece.segment]; e < first[piece.segment + 1]; ++e) {
-        ex.bt.push_back(bt[e].data_ptr<scalar_t>());
-        ex.rank.push_back(bt[e].size(0));
-        ex.out.push_back(bt[e].size(1));
-        ex.h0.push_back(h0[e]);
-        ex.y0.push_back(y0[e]);
-      }
-    }
     at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
       // Part p takes the pieces whose cost midpoint falls in [p, p + 1) * total / parts.
       for (size_t i = 0; i < pieces.size(); ++i) {
         const double mid = (cost_end[i] + (i ? cost_end[i - 1] : 0.0)) / 2 * parts / total;
         if (mid < begin || mid >= end) continue;
-        const int64_t s = pieces[i].segment;
+        const Slot<scalar_t> sl = read_slot(row_of(pieces[i].segment), pp);
+        // This part's next piece, whose weights the last pass prefetches (else this one's again).
+        const bool has_next = i + 1 < pieces.size() && (cost_end[i] + cost_end[i + 1]) / 2 * parts / total < end;
+        const scalar_t* after = has_next ? pp + row_of(pieces[i + 1].segment)[0] : sl.a;
         short_segment<scalar_t>(xp + pieces[i].start * x.stride(0), x.stride(0), pieces[i].n,
-                                a[s].data_ptr<scalar_t>(), a[s].size(0), a[s].size(1),
-                                yp + pieces[i].start * y.stride(0), y.stride(0), expands[s]);
+                                yp + pieces[i].start * y.stride(0), y.stride(0), sl, after);
       }
     });
   });
@@ -280,8 +344,7 @@ void lora_apply(const at::Tensor& y, const at::Tensor& x, at::IntArrayRef starts
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(slserve, m) {
-  m.def("lora_apply(Tensor(a!) y, Tensor x, int[] starts, int[] ends, Tensor[] a, int[] n_expand, "
-        "Tensor[] bt, int[] h0, int[] y0) -> ()");
+  m.def("lora_apply(Tensor(a!) y, Tensor x, Tensor pool, Tensor bounds, Tensor slots) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(slserve, CPU, m) { m.impl("lora_apply", &lora_apply); }
