@@ -26,6 +26,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter-dir", default=None, help="default: ~/.cache/slserve/adapters")
     p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
     p.add_argument("--host-cache-mib", type=int, default=d.host_cache_bytes // MIB)
+    p.add_argument("--preload-adapters", action="store_true",
+                   help="parse adapters into host RAM at start-up, as many as the host cache holds")
     p.add_argument("--max-upload-mib", type=int, default=d.max_upload_bytes // MIB)
     p.add_argument("--tp", type=int, default=d.tp)
     p.add_argument("--kernel-backend", default=d.kernel_backend, choices=["auto", "torch", "triton"])
@@ -38,8 +40,8 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
         page_tokens=a.page_tokens, max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
         max_queue=a.max_queue, adapter_dir=a.adapter_dir, max_lora_rank=a.max_lora_rank,
-        host_cache_bytes=a.host_cache_mib * MIB, max_upload_bytes=a.max_upload_mib * MIB, tp=a.tp,
-        kernel_backend=a.kernel_backend, threads=a.threads,
+        host_cache_bytes=a.host_cache_mib * MIB, preload_adapters=a.preload_adapters,
+        max_upload_bytes=a.max_upload_mib * MIB, tp=a.tp, kernel_backend=a.kernel_backend, threads=a.threads,
     )
 
 

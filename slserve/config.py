@@ -85,6 +85,7 @@ class EngineConfig:
     adapter_dir: str | None = None
     max_lora_rank: int = 64
     host_cache_bytes: int = 4 << 30
+    preload_adapters: bool = False  # parse adapters into host RAM at start-up, while they fit
     max_upload_bytes: int = 512 << 20
     tp: int = 1
     kernel_backend: str = "auto"  # auto | torch | triton

@@ -89,6 +89,11 @@ class Engine:
                     num_pages * page_elems * dtype.itemsize / 2**30)
 
         self.store = AdapterStore(config.adapter_path, cfg, config.max_lora_rank, config.host_cache_bytes)
+        if config.preload_adapters:
+            t0 = time.perf_counter()
+            n = self.store.preload()
+            logger.info("preloaded %d of %d adapters into host RAM in %.1fs", n, len(self.store),
+                        time.perf_counter() - t0)
         self.adapter_cache = DeviceAdapterCache(self.pool, cfg, self.store.get)
         self.scheduler = Scheduler(self.kv, self.adapter_cache, config.max_num_seqs,
                                    config.max_num_batched_tokens)

@@ -309,6 +309,30 @@ def test_host_lru_byte_bound(tmp_path: Path, template) -> None:
     assert stats["disk_loads"] == stats["host_misses"]
 
 
+def test_preload_fills_the_host_tier_without_evicting(tmp_path: Path, template) -> None:
+    """Start-up preload parses adapters in name order until the next would push one out; a
+    broken adapter on disk is skipped there and still reported to whoever asks for it."""
+    one = variant(template, 0)
+    nbytes = parsed(one).nbytes
+    expected = {}
+    for i in range(6):
+        config_bytes, weights_bytes, expected[f"a{i}"] = variant(template, i)
+        write_dir(tmp_path / f"a{i}", b"{not json" if i == 2 else config_bytes, weights_bytes)
+    store = make_store(tmp_path, host_cache_bytes=3 * nbytes + nbytes // 2)
+    assert store.preload() == 3
+    stats = store.stats()
+    # a0, a1, a3 parsed and kept; a4 pushed a0 out, so preloading stopped there.
+    assert stats["host_count"] == 3 and stats["host_evictions"] == 1 and stats["disk_loads"] == 4
+    assert [n for n in ("a0", "a1", "a3", "a4", "a5") if store.is_cached(n)] == ["a1", "a3", "a4"]
+    assert_is(store.get("a3"), expected["a3"])
+    assert store.stats()["host_hits"] == 1
+    with pytest.raises(AdapterError):
+        store.get("a2")
+
+    roomy = make_store(tmp_path, host_cache_bytes=100 * nbytes)
+    assert roomy.preload() == 5 and roomy.stats()["host_evictions"] == 0
+
+
 def test_host_lru_mixed_sizes(tmp_path: Path, template) -> None:
     """The bound is in bytes, not in adapters: ranks 1..16 give sizes that differ 16-fold."""
     bound = 40_000

@@ -66,3 +66,20 @@ def test_two_thousand_adapters(adapter_dir, tmp_path):
         assert reqs[i].output_token_ids == alone
         ids = llm.tokenizer.encode(prompts[i])
         assert alone == peft_generate(base, adapter_dir / chosen[i], ids, 4)
+
+
+def test_preload_fills_host_ram_up_to_its_bound(adapter_dir):
+    """--preload-adapters parses adapters at start-up, in name order, until the host tier is full;
+    a request for a preloaded adapter is then served without touching the disk."""
+    llm = LLM(dtype="float32", adapter_dir=str(adapter_dir), host_cache_bytes=HOST_BOUND,
+              preload_adapters=True)
+    store = llm.stats()["adapters"]["store"]
+    assert 0 < store["host_count"] < NUM and store["host_bytes"] <= HOST_BOUND
+    assert store["disk_loads"] == store["host_count"] + store["host_evictions"]
+    assert store["host_evictions"] <= 1  # preloading stops at the first adapter that pushes one out
+    names = llm.adapters()
+    cached = [n for n in names[: store["host_count"] + 1] if llm.engine.store.is_cached(n)]
+    out = llm.generate("The weather today is", SamplingParams(temperature=0, max_tokens=2), adapters=[cached[-1]])
+    assert out[0].finish_reason == "length"
+    after = llm.stats()["adapters"]["store"]
+    assert after["disk_loads"] == store["disk_loads"] and after["host_hits"] > store["host_hits"]

@@ -242,6 +242,23 @@ class AdapterStore:
         pending.set_result(adapter)
         return adapter
 
+    def preload(self) -> int:
+        """Parse adapters into the host tier, in name order, until the next one would evict an
+        earlier one. Returns how many are cached. An adapter that fails to parse is skipped here and
+        reported when a request asks for it."""
+        for name in self.names():
+            with self._lock:
+                evictions = self._evictions
+            try:
+                self.get(name)
+            except AdapterError as exc:
+                logger.warning("not preloading adapter %r: %s", name, exc)
+            with self._lock:
+                if self._evictions != evictions:
+                    break
+        with self._lock:
+            return len(self._host)
+
     def _load(self, name: str) -> LoRAAdapter:
         """Read and parse from disk; cache unless the adapter was replaced or removed meanwhile."""
         for attempt in range(_LOAD_ATTEMPTS):
