@@ -19,6 +19,7 @@ ROWS = [
 SATURATING = [
     ("slserve, base model only", "slserve-sat-base"),
     ("slserve, 100 adapters", "slserve-sat-lora100"),
+    ("slserve, 100 adapters, none preloaded", "slserve-sat-lora100-cold"),
     ("PEFT, 100 adapters", "peft-sat100"),
 ]
 SCALE = [("5 adapters", "slserve-scale5"), ("1000 adapters", "slserve-scale1000"),

@@ -297,17 +297,17 @@ class DeviceAdapterCache:
 
     def _table(self, slots: list[dict[str, LayerSlot]]) -> torch.Tensor:
         shapes = self.model.module_shapes()
-        table = torch.zeros(len(slots), len(GROUPS), SLOT_FIELDS, dtype=torch.int64)
-        for layer, layer_slots in enumerate(slots):
-            for g, group in enumerate(GROUPS):
+        rows = []
+        for layer_slots in slots:
+            for group, modules in GROUPS.items():
                 slot = layer_slots.get(group)
-                if slot is None:
-                    continue  # rank 0: the adapter leaves this group alone
+                if slot is None:  # rank 0: the adapter leaves this group alone
+                    rows.append(slot_row(0, 0, 0, []))
+                    continue
                 expands = [(b_off, r, shapes[mod][1], h0, self._columns[mod])
                            for mod, b_off, h0, r in slot.expands]
-                row = slot_row(slot.a_off, slot.rank, shapes[GROUPS[group][0]][0], expands)
-                table[layer, g] = torch.tensor(row)
-        return table
+                rows.append(slot_row(slot.a_off, slot.rank, shapes[modules[0]][0], expands))
+        return torch.tensor(rows, dtype=torch.int64).view(len(slots), len(GROUPS), SLOT_FIELDS)
 
     def _copy(self, dev: DeviceAdapter) -> None:
         """Write the host weights into the adapter's pages (scale folded into B^T)."""
@@ -320,10 +320,11 @@ class DeviceAdapterCache:
                     n = r * shapes[mod][0]
                     flat[row : row + n].copy_(w.a.reshape(-1))
                     row += n
-                for mod, b_off, _h0, _r in slot.expands:
+                for mod, b_off, _h0, r in slot.expands:
                     w = dev.adapter.modules[(layer, mod)]
-                    bt = (w.b.float().t() * w.scale).reshape(-1)
-                    flat[b_off : b_off + bt.numel()].copy_(bt)
+                    out = shapes[mod][1]
+                    # Scale in float32, then one transposing, rounding copy into the pages.
+                    flat[b_off : b_off + r * out].view(r, out).copy_((w.b * w.scale).t())
 
     def _free(self, dev: DeviceAdapter) -> None:
         if dev.ready is not None:
