@@ -12,11 +12,11 @@ pool (what these cores can stream). Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
-from pathlib import Path
+
+from bench_json import write_json
 
 from slserve import LLM, SamplingParams
 from slserve.lora_batch import LoRABatch
@@ -104,12 +104,10 @@ def main() -> None:
     print(f"{'':34} {'median step (ms)':>17} {'tok/s':>8}")
     for label, key in (("base model only", "base_step_ms"), (f"{len(names)} adapters", "lora_step_ms")):
         print(f"{label:34} {row[key]:>17.1f} {args.batch / row[key] * 1e3:>8.0f}")
-    print(f"LoRA op: {row['lora_op_ms_per_step']:.1f} ms per step reading {lora_bytes / 2**20:.0f} MiB of adapter "
-          f"weights = {row['lora_op_gb_s']:.1f} GB/s (sum() over the same bytes: {row['sum_gb_s_same_bytes']:.1f} GB/s)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "result": row}, indent=2))
-    print(f"wrote {out}")
+    print(f"LoRA op: {row['lora_op_ms_per_step']:.1f} ms per step reading {lora_bytes / 2**20:.0f} MiB "
+          f"of adapter weights = {row['lora_op_gb_s']:.1f} GB/s "
+          f"(sum() over the same bytes: {row['sum_gb_s_same_bytes']:.1f} GB/s)")
+    write_json(args.out, {"args": vars(args), "result": row})
 
 
 if __name__ == "__main__":

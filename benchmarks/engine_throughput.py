@@ -10,11 +10,10 @@ the engine's model FLOP/s as a fraction of it. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
+from bench_json import write_json
 
 from slserve import LLM, SamplingParams
 from slserve.model.loader import resolve_model
@@ -108,10 +107,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['dtype']:9} {r['batch']:>5} {r['slserve_tok_s']:>14.1f} {r['transformers_tok_s']:>19.1f} "
               f"{r['speedup']:>7.2f}x {r['model_tflops']:>14.3f} {r['fraction_of_bf16_peak']:>12.1%}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "bf16_peak_flops": peak, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    write_json(args.out, {"args": vars(args), "bf16_peak_flops": peak, "rows": rows})
 
 
 if __name__ == "__main__":

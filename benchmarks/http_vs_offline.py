@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from bench_json import write_json
 
 from slserve import LLM, SamplingParams
 
@@ -163,8 +164,7 @@ def main() -> int:
     for name, r in (("offline", offline), ("http", http)):
         print(f"{name:<10}{r['tokens']:>8}{r['seconds']:>10.2f}{r['tokens_per_s']:>11.1f}")
     print(f"HTTP / offline = {ratio:.1%} (target >= 85%); all runs in {args.out}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     return 0
 
 

@@ -12,12 +12,11 @@ way a padded multi-LoRA kernel does. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from bench_json import write_json
 
 from slserve.kernels.cpu_ext import lora_apply_op
 from slserve.kernels.lora import apply_lora, slot_row
@@ -132,10 +131,7 @@ def main() -> None:
     print(f"speedup vs padded: {row['speedup_vs_padded']:.2f}x   LoRA / dense: {row['lora_over_dense']:.1%}")
     lora_mib, dense_mib = row["lora_weight_bytes"] / mib, row["dense_weight_bytes"] / mib
     print(f"weights read: LoRA {lora_mib:.1f} MiB, dense {dense_mib:.1f} MiB")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "result": row}, indent=2))
-    print(f"wrote {out}")
+    write_json(args.out, {"args": vars(args), "result": row})
 
 
 if __name__ == "__main__":

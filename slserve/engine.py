@@ -26,7 +26,6 @@ from slserve.memory.adapter_store import AdapterNotFoundError, AdapterStore
 from slserve.memory.kv_cache import KVCache, kv_page_elems
 from slserve.memory.pool import PagePool
 from slserve.model.llama import LlamaModel
-from slserve.model.ops import TorchOps
 from slserve.model.loader import (
     load_model_config,
     load_state_dict,
@@ -34,6 +33,7 @@ from slserve.model.loader import (
     model_id,
     resolve_model,
 )
+from slserve.model.ops import TorchOps
 from slserve.outputs import StepOutput
 from slserve.request import Request, Status
 from slserve.sampling import Sampler

@@ -96,7 +96,8 @@ def test_shrink_expand_reference_functions_match_naive():
     starts = bounds[:, 0].tolist()
     lens = (bounds[:, 1] - bounds[:, 0]).tolist()
     rows = slots.tolist()
-    h = lora_shrink(x, pool, starts, lens, [r[0] for r in rows], [r[1] for r in rows], max(r[1] for r in rows))
+    a_off, ranks = [r[0] for r in rows], [r[1] for r in rows]
+    h = lora_shrink(x, pool, starts, lens, a_off, ranks, max(ranks))
     for j, o in enumerate(outs):
         b_off, r_mod, _, h_off, y0 = zip(*(row[4 + 5 * j : 9 + 5 * j] for row in rows), strict=True)
         lora_expand(y, h, pool, starts, lens, list(b_off), list(h_off), list(r_mod), y0[0], o)

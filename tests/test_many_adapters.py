@@ -79,7 +79,8 @@ def test_preload_fills_host_ram_up_to_its_bound(adapter_dir):
     assert store["host_evictions"] <= 1  # preloading stops at the first adapter that pushes one out
     names = llm.adapters()
     cached = [n for n in names[: store["host_count"] + 1] if llm.engine.store.is_cached(n)]
-    out = llm.generate("The weather today is", SamplingParams(temperature=0, max_tokens=2), adapters=[cached[-1]])
+    params = SamplingParams(temperature=0, max_tokens=2)
+    out = llm.generate("The weather today is", params, adapters=[cached[-1]])
     assert out[0].finish_reason == "length"
     after = llm.stats()["adapters"]["store"]
     assert after["disk_loads"] == store["disk_loads"] and after["host_hits"] > store["host_hits"]

@@ -66,7 +66,8 @@ MAX_EXPANDS = 3
 SLOT_FIELDS = 4 + 5 * MAX_EXPANDS
 
 
-def slot_row(a_off: int, rank: int, in_features: int, expands: list[tuple[int, int, int, int, int]]) -> list[int]:
+def slot_row(a_off: int, rank: int, in_features: int,
+             expands: list[tuple[int, int, int, int, int]]) -> list[int]:
     """A slot-table row: A [rank, in] at a_off, and (b_off, r, out, h0, y0) per expand."""
     if len(expands) > MAX_EXPANDS:
         raise ValueError(f"at most {MAX_EXPANDS} expands per group")
