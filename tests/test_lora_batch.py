@@ -1,0 +1,107 @@
+"""A step's LoRA state on adapters made resident by the device tier, against the host weights.
+
+DeviceAdapterCache lays adapters out in the pool and writes their slot tables; LoRABatch (torch
+and C++) and TritonLoRABatch turn those into kernel arguments. Each is checked, for every layer
+and group, against y += scale * (x @ A^T) @ B^T computed per token from the host-side weights,
+with adapters that target different module subsets and ranks so that a group's expands are not
+always all present. The Triton kernels run in the interpreter when there is no GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slserve.adapters.peft_format import LoRAAdapter, LoRAWeights
+from slserve.config import ModelConfig
+from slserve.kernels.cpu_ext import lora_apply_op
+from slserve.lora_batch import LoRABatch, TritonLoRABatch
+from slserve.memory.adapter_pages import GROUPS, DeviceAdapterCache, group_columns
+from slserve.memory.pool import PagePool
+
+MODEL = ModelConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+    head_dim=8, rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None, max_position_embeddings=64,
+    tie_word_embeddings=False, qkv_bias=False, eos_token_ids=(0,), bos_token_id=None,
+)
+# name -> (rank, modules): k_proj alone, q and v without k, gate without up, everything.
+ADAPTERS = {
+    "k-only": (3, ("k_proj",)),
+    "q-v": (8, ("q_proj", "v_proj", "down_proj")),
+    "gate": (5, ("gate_proj", "o_proj")),
+    "all": (4, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+}
+
+
+def make_adapter(name: str, seed: int) -> LoRAAdapter:
+    rank, modules = ADAPTERS[name]
+    g = torch.Generator().manual_seed(seed)
+    shapes = MODEL.module_shapes()
+    weights = {}
+    for layer in range(MODEL.num_layers):
+        for mod in modules:
+            n_in, n_out = shapes[mod]
+            weights[(layer, mod)] = LoRAWeights(a=torch.randn(rank, n_in, generator=g),
+                                                b=torch.randn(n_out, rank, generator=g), scale=0.5 + seed)
+    return LoRAAdapter(name=name, modules=weights, target_modules=modules, ranks=dict.fromkeys(modules, rank),
+                       nbytes=0, config={})
+
+
+def group_out(group: str) -> int:
+    shapes = MODEL.module_shapes()
+    return sum(shapes[m][1] for m in GROUPS[group])
+
+
+def naive(y, x, segments, layer: int, group: str) -> torch.Tensor:
+    out = y.double().clone()
+    columns, shapes = group_columns(MODEL), MODEL.module_shapes()
+    for s0, s1, dev in segments:
+        for mod in GROUPS[group]:
+            w = dev.adapter.modules.get((layer, mod))
+            if w is None:
+                continue
+            delta = w.scale * (x[s0:s1].double() @ w.a.double().t()) @ w.b.double().t()
+            out[s0:s1, columns[mod] : columns[mod] + shapes[mod][1]] += delta
+    return out
+
+
+@pytest.fixture
+def resident():
+    """Four adapters resident in one float32 pool (NaN elsewhere), and segments with gaps."""
+    host = {name: make_adapter(name, i) for i, name in enumerate(ADAPTERS)}
+    pool = PagePool(num_pages=64, page_elems=256, dtype=torch.float32, device="cpu")
+    pool.data.fill_(float("nan"))
+    cache = DeviceAdapterCache(pool, MODEL, host.__getitem__)
+    devs = [cache.acquire(name) for name in ADAPTERS]
+    # Token rows: 1 and 3 and 2 and 4 tokens, with rows that use no adapter in between.
+    segments, t = [], 0
+    for dev, n in zip(devs, (1, 3, 2, 4), strict=True):
+        t += 1
+        segments.append((t, t + n, dev))
+        t += n
+    yield pool, segments, t + 1
+    cache.close()
+
+
+def step_states(pool, segments):
+    states = {"torch": LoRABatch(segments, pool.flat)}
+    if lora_apply_op() is not None:
+        states["cpp"] = LoRABatch(segments, pool.flat, lora_apply_op())
+    columns, shapes = group_columns(MODEL), MODEL.module_shapes()
+    states["triton"] = TritonLoRABatch(segments, pool.flat, columns, {m: o for m, (_, o) in shapes.items()})
+    return states
+
+
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_step_state_matches_host_weights(resident, group):
+    pool, segments, T = resident
+    n_in = MODEL.module_shapes()[GROUPS[group][0]][0]
+    g = torch.Generator().manual_seed(1)
+    for name, state in step_states(pool, segments).items():
+        for layer in range(MODEL.num_layers):
+            x = torch.randn(T, n_in, generator=g)
+            y = torch.randn(T, group_out(group), generator=g)
+            expected = naive(y, x, segments, layer, group)
+            state.apply(y, x, layer, group)
+            torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4,
+                                       msg=lambda m, name=name, layer=layer: f"{name}, layer {layer}: {m}")
