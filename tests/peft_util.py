@@ -37,11 +37,12 @@ def make_peft_adapter(
     return path
 
 
-def peft_generate(base, adapter_path: Path | None, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+def peft_generate(base, adapter_path: Path | None, prompt_ids: list[int], max_new_tokens: int,
+                  device: torch.device | str = "cpu") -> list[int]:
     """Greedy tokens from transformers (+ peft when an adapter is given), one prompt alone."""
     from peft import PeftModel
 
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=device)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(ids))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -65,6 +65,9 @@ def naive(y, x, segments, layer: int, group: str) -> torch.Tensor:
     return out
 
 
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @pytest.fixture
 def resident():
     """Four adapters resident in one float32 pool (NaN elsewhere), and segments with gaps."""
@@ -88,7 +91,10 @@ def step_states(pool, segments):
     if lora_apply_op() is not None:
         states["cpp"] = LoRABatch(segments, pool.flat, lora_apply_op())
     columns, shapes = group_columns(MODEL), MODEL.module_shapes()
-    states["triton"] = TritonLoRABatch(segments, pool.flat, columns, {m: o for m, (_, o) in shapes.items()})
+    # On a GPU the Triton state reads a device copy of the pool (same offsets); elsewhere the
+    # interpreter reads the CPU pool itself.
+    flat = pool.flat.to(TRITON_DEVICE)
+    states["triton"] = TritonLoRABatch(segments, flat, columns, {m: o for m, (_, o) in shapes.items()})
     return states
 
 
@@ -102,6 +108,8 @@ def test_step_state_matches_host_weights(resident, group):
             x = torch.randn(T, n_in, generator=g)
             y = torch.randn(T, group_out(group), generator=g)
             expected = naive(y, x, segments, layer, group)
-            state.apply(y, x, layer, group)
-            torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4,
+            device = TRITON_DEVICE if name == "triton" else "cpu"
+            y = y.to(device)
+            state.apply(y, x.to(device), layer, group)
+            torch.testing.assert_close(y.cpu().double(), expected, atol=1e-4, rtol=1e-4,
                                        msg=lambda m, name=name, layer=layer: f"{name}, layer {layer}: {m}")
