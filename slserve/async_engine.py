@@ -84,6 +84,10 @@ class AsyncEngine:
         # Engine-thread state.
         self._queues: dict[str, asyncio.Queue] = {}
         self._unadmitted: OrderedDict[str, Request] = OrderedDict()
+        # Set once the running engine's state can no longer be trusted; then on_fatal (called on
+        # the engine thread, after every open stream was failed) should end the process.
+        self.fatal: BaseException | None = None
+        self.on_fatal: Callable[[BaseException], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -110,6 +114,9 @@ class AsyncEngine:
         return self._engine
 
     def not_ready_reason(self) -> str:
+        if self.fatal is not None:
+            return (f"the engine stopped after an unrecoverable error: "
+                    f"{type(self.fatal).__name__}: {self.fatal}")
         if self.error is not None:
             return f"the engine failed to start: {type(self.error).__name__}: {self.error}"
         if self._stopped:
@@ -243,14 +250,25 @@ class AsyncEngine:
                 if engine.has_unfinished():
                     self._post(self._step(engine))
         except BaseException as e:
-            logger.exception("the engine loop died")
-            self.error = e
-            self._fail_all(e)
+            self._die(e)
         finally:
             self._ready.clear()
             self._stopped = True
             with contextlib.suppress(Exception):
                 engine.close()
+
+    def _die(self, exc: BaseException) -> None:
+        """The engine's state cannot be trusted (Engine.step raises only then): refuse everything,
+        end every open stream with an error, and let the owner end the process."""
+        logger.critical("the engine loop died; the process must be restarted", exc_info=exc)
+        self.fatal = exc
+        self._ready.clear()
+        self._fail_all(exc)
+        if self.on_fatal is not None:
+            try:
+                self.on_fatal(exc)
+            except Exception:
+                logger.exception("on_fatal failed")
 
     def _handle(self, engine: Engine, commands: list[tuple]) -> list[tuple[asyncio.Queue, Any]]:
         posts: list[tuple[asyncio.Queue, Any]] = []

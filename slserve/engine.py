@@ -24,7 +24,7 @@ from slserve.lora_batch import LoRABatch, TritonLoRABatch
 from slserve.memory.adapter_pages import DeviceAdapterCache, group_columns
 from slserve.memory.adapter_store import AdapterNotFoundError, AdapterStore
 from slserve.memory.kv_cache import KVCache, kv_page_elems
-from slserve.memory.pool import PagePool
+from slserve.memory.pool import Owner, PagePool
 from slserve.model.llama import LlamaModel
 from slserve.model.loader import (
     load_model_config,
@@ -104,7 +104,9 @@ class Engine:
         self.eos_ids = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
-        self.counters = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0}
+        self.counters = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0,
+                         "failed_steps": 0}
+        self.last_step_error: str | None = None  # "ExceptionType: message" of the last failed step
         self._columns = group_columns(cfg)
         self._lora_op = lora_apply_op() if use_cpu_ext else None
         self._out_features = {m: s[1] for m, s in cfg.module_shapes().items()}
@@ -155,8 +157,12 @@ class Engine:
 
     # -- the step ----------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        """One step. A failure while building the batch, running the forward or sampling ends that
+        step's requests (finish_reason "error", error_status 500) and the engine goes on. Anything
+        raised from here (the scheduler's own books, or a pool found inconsistent after a failed
+        step) means the engine's state cannot be trusted any more."""
         sched = self.scheduler.schedule()
-        outputs = [self._finish(req, []) for req in sched.failed]
+        outputs = [self._finish(req, [], []) for req in sched.failed]
         self.counters["preemptions"] += len(sched.preempted)
         self.adapter_cache.prefetch(
             list(dict.fromkeys(r.adapter for r in itertools.islice(self.scheduler.waiting, 16) if r.adapter)),
@@ -164,18 +170,51 @@ class Engine:
         )
         if not sched.scheduled:
             return outputs
-        batch = build_batch(sched.scheduled, self.config.page_tokens, self.device, self.backend,
-                            self._make_lora)
+        try:
+            sampled = self._run_batch(sched.scheduled)
+        except Exception as exc:
+            outputs += self._fail_step([req for req, _ in sched.scheduled], exc)
+            return outputs
+        now = time.monotonic()
+        for req, token, lp in sampled:
+            try:
+                outputs.append(self._append(req, token, lp, now))
+            except Exception as exc:  # detokenizing or stop checks of this one request
+                outputs += self._fail_step([req], exc)
+        return outputs
+
+    def _run_batch(self, scheduled: list[tuple[Request, int]]) -> list[tuple[Request, int, object]]:
+        """Forward the scheduled tokens; (request, token, logprob) for each request that samples."""
+        batch = build_batch(scheduled, self.config.page_tokens, self.device, self.backend, self._make_lora)
         logits = self.model(batch, self.kv, self.attention)
         self.counters["steps"] += 1
-        for req, n in sched.scheduled:
+        for req, n in scheduled:
             req.num_computed += n
-        if batch.sample_requests:
-            tokens, logprobs = self.sampler(logits, batch.sample_requests)
-            now = time.monotonic()
-            for req, token, lp in zip(batch.sample_requests, tokens, logprobs, strict=True):
-                outputs.append(self._append(req, token, lp, now))
+        if not batch.sample_requests:
+            return []
+        tokens, logprobs = self.sampler(logits, batch.sample_requests)
+        return list(zip(batch.sample_requests, tokens, logprobs, strict=True))
+
+    def _fail_step(self, reqs: list[Request], exc: Exception) -> list[StepOutput]:
+        """End `reqs` with a 500 error and free what they hold, then check that the pool's books
+        still balance (PoolCorrupted otherwise)."""
+        what = f"{type(exc).__name__}: {exc}"
+        logger.error("engine step failed for %d requests: %s", len(reqs), what, exc_info=exc)
+        self.counters["failed_steps"] += 1
+        self.last_step_error = what
+        outputs = []
+        for req in reqs:
+            req.finish_reason = "error"
+            req.error = f"the engine step failed ({what}); the request was ended"
+            req.error_status = 500
+            outputs.append(self._finish(req, [], []))
+        self.check_pool()
         return outputs
+
+    def check_pool(self) -> None:
+        """Raise PoolCorrupted unless the pages held by requests and adapters match the allocator."""
+        owned = {Owner.KV: self.scheduler.kv_pages(), Owner.ADAPTER: self.adapter_cache.owned_pages()}
+        self.pool.check(owned)
 
     def _make_lora(self, segments):
         if self.backend == "triton":
@@ -223,6 +262,7 @@ class Engine:
             num_generated_tokens=req.num_output_tokens,
             new_logprobs=list(new_lps),
             error=req.error,
+            error_status=req.error_status,
         )
 
     def _detokenize(self, req: Request) -> None:

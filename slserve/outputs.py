@@ -25,6 +25,8 @@ class StepOutput:
     num_generated_tokens: int
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     error: str | None = None
+    # With finish_reason "error": 404 adapter gone, 400 can never fit, 500 the step failed.
+    error_status: int | None = None
 
 
 @dataclass

@@ -13,7 +13,7 @@ from slserve.outputs import TokenLogprob
 from slserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from slserve.memory.adapter_pages import DeviceAdapter
+    from slserve.memory.adapter_pages import AdapterVersion, DeviceAdapter
 
 
 class Status(Enum):
@@ -35,9 +35,13 @@ class Request:
     num_computed: int = 0  # tokens whose K/V sit in the cache
     block_table: list[int] = field(default_factory=list)
     device_adapter: DeviceAdapter | None = None  # pinned while running
+    # The adapter weights of its first admission, kept for readmission after a preemption even if
+    # the adapter is deleted or replaced meanwhile.
+    adapter_version: AdapterVersion | None = None
     status: Status = Status.WAITING
     finish_reason: str | None = None
     error: str | None = None
+    error_status: int | None = None  # the HTTP status an error maps to (404, 400, 500)
     generator: torch.Generator | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0

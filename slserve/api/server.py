@@ -17,6 +17,8 @@ import contextlib
 import hmac
 import json
 import logging
+import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -166,11 +168,18 @@ async def _collect(stream: RequestStream, timers: list[TokenTimer]):
                     raise err
     return texts, lps, finals
 
+# error_status of a request the engine ended with an error -> its OpenAI error code
+_FINISH_ERROR_CODES = {400: "request_does_not_fit", 404: "model_not_found", 500: "engine_step_failed"}
+
+
 def _finish_error(out: StepOutput) -> APIError | None:
-    """A request the engine ended without a normal finish (adapter gone, pool too small)."""
+    """A request the engine ended without a normal finish (adapter gone, pool too small, failed step),
+    with the status the engine gave it."""
     if out.finish_reason in ("stop", "length"):
         return None
-    return APIError(500, out.error or f"the request ended with {out.finish_reason!r}", code="request_failed")
+    status = out.error_status or 500
+    return APIError(status, out.error or f"the request ended with {out.finish_reason!r}",
+                    code=_FINISH_ERROR_CODES.get(status, "request_failed"))
 
 
 class _TokenText:
@@ -269,9 +278,16 @@ def create_app(
     # -- ops --------------------------------------------------------------------------------------
     @app.get("/health")
     async def health() -> Response:
+        if engine.fatal is not None:  # the process is about to exit; a supervisor restarts it
+            return JSONResponse(error_body(503, engine.not_ready_reason(), code="engine_dead"), 503)
         if not engine.ready:
             return JSONResponse(error_body(503, engine.not_ready_reason()), 503)
-        return JSONResponse({"status": "ok"})
+        # Plain attribute reads: /health never waits for the engine thread.
+        e = engine.engine
+        body: dict[str, Any] = {"status": "ok", "failed_steps": e.counters["failed_steps"]}
+        if e.last_step_error is not None:
+            body["last_step_error"] = e.last_step_error
+        return JSONResponse(body)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -550,13 +566,33 @@ def run_server(
     engine = AsyncEngine(config)
     server: uvicorn.Server | None = None
 
-    def on_fatal() -> None:
+    def on_fatal(exc: BaseException | None = None) -> None:
         if server is not None:
             server.should_exit = True
+        if exc is not None:
+            _exit_soon(FATAL_EXIT_GRACE_S)
 
+    engine.on_fatal = on_fatal
     app = create_app(engine, api_key=api_key, admin_key=admin_key, on_fatal=on_fatal)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
                                            timeout_graceful_shutdown=5))
     server.run()
-    if engine.error is not None:
+    if engine.error is not None or engine.fatal is not None:
         raise SystemExit(1)
+
+
+# After the engine died: the grace lets uvicorn flush the error events already queued for open
+# streams and close its sockets; a handler stuck on the dead engine thread must not keep the
+# process (and its port) alive, so the timer ends it regardless.
+FATAL_EXIT_GRACE_S = 2.0
+
+
+def _exit_soon(delay: float) -> None:
+    def hard_exit() -> None:
+        logger.critical("the engine died: exiting with status 1")
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(delay, hard_exit)
+    timer.daemon = True
+    timer.start()

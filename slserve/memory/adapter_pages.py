@@ -22,7 +22,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +59,15 @@ class LayerSlot:
     expands: list[tuple[str, int, int, int]]  # (module, b_off, h0, r)
 
 
+@dataclass(frozen=True)
+class AdapterVersion:
+    """The weights a request was first admitted with: after a delete or a replace, a preempted
+    request gets exactly these back. `generation` counts the name's invalidations."""
+
+    adapter: LoRAAdapter
+    generation: int
+
+
 @dataclass(eq=False)
 class DeviceAdapter:
     name: str
@@ -67,9 +76,14 @@ class DeviceAdapter:
     slots: list[dict[str, LayerSlot]]  # per layer
     table: torch.Tensor  # int64 [layers, len(GROUPS), SLOT_FIELDS]: the same, for the LoRA op
     num_pages: int
+    generation: int = 0
     pins: int = 0
-    stale: bool = False  # replaced or deleted: freed once the last user lets go
+    stale: bool = False  # replaced, deleted or a private old version: freed once the last user lets go
     ready: Future | None = None
+
+    @property
+    def version(self) -> AdapterVersion:
+        return AdapterVersion(self.adapter, self.generation)
 
 
 @dataclass
@@ -82,9 +96,17 @@ class AdapterPageStats:
 
 
 class DeviceAdapterCache:
-    """Resident adapters by name (LRU order), plus stale ones still pinned by running requests."""
+    """Resident adapters by name (LRU order), plus stale ones still pinned by running requests.
 
-    def __init__(self, pool: PagePool, model: ModelConfig, get_host: Callable[[str], LoRAAdapter]):
+    `executor` runs host loads and background copies (default: one worker thread)."""
+
+    def __init__(
+        self,
+        pool: PagePool,
+        model: ModelConfig,
+        get_host: Callable[[str], LoRAAdapter],
+        executor: Executor | None = None,
+    ):
         self.pool = pool
         self.model = model
         self.get_host = get_host
@@ -93,8 +115,10 @@ class DeviceAdapterCache:
         self.stats = AdapterPageStats()
         self._prefetched: set[str] = set()
         self._columns = group_columns(model)
-        self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slserve-adapter-copy")
-        self._host_loading: dict[str, Future] = {}
+        self._copier = executor or ThreadPoolExecutor(max_workers=1,
+                                                      thread_name_prefix="slserve-adapter-copy")
+        self._host_loading: dict[str, tuple[Future, int]] = {}  # name -> (host load, generation)
+        self._generation: dict[str, int] = {}
         self._lock = threading.Lock()
 
     # -- sizes -------------------------------------------------------------------------------
@@ -111,26 +135,44 @@ class DeviceAdapterCache:
         return max(1, -(-elems // self.pool.page_elems))
 
     # -- residency ---------------------------------------------------------------------------
-    def acquire(self, name: str, reserve_pages: int = 0) -> DeviceAdapter | None:
+    def generation(self, name: str) -> int:
+        return self._generation.get(name, 0)
+
+    def acquire(
+        self, name: str, reserve_pages: int = 0, version: AdapterVersion | None = None
+    ) -> DeviceAdapter | None:
         """Make `name` resident and pin it; None when it cannot fit now without preempting.
 
-        Raises whatever the host tier raises for an adapter that is gone or unreadable.
+        `version`: the weights the request was first admitted with. If the name was deleted or
+        replaced since, those weights are pinned again: a still-pinned stale copy, or else a
+        private copy that no other request sees and that is freed with its last pin.
+        Without a version, raises whatever the host tier raises for an adapter that is gone or
+        unreadable.
         """
-        dev = self.resident.get(name)
+        current = version is None or version.generation == self.generation(name)
+        dev = self.resident.get(name) if current else self._stale_copy(version.adapter)
         if dev is None:
             self.stats.misses += 1
-            dev = self._load(self.get_host(name), reserve_pages, may_evict=True)
+            # A known version needs no host lookup: the name may be gone from the store already.
+            adapter = version.adapter if version is not None else self.get_host(name)
+            dev = self._load(adapter, reserve_pages, may_evict=True, private=not current)
             if dev is None:
                 return None
-        elif name in self._prefetched:
+            if not current:
+                dev.generation = version.generation
+        elif current and name in self._prefetched:
             self.stats.prefetch_hits += 1
-        self._prefetched.discard(name)
         if dev.ready is not None:
             dev.ready.result()
             dev.ready = None
-        self.resident.move_to_end(name)
+        if current:
+            self._prefetched.discard(name)
+            self.resident.move_to_end(name)
         dev.pins += 1
         return dev
+
+    def _stale_copy(self, adapter: LoRAAdapter) -> DeviceAdapter | None:
+        return next((d for d in self.stale if d.adapter is adapter), None)
 
     def release(self, dev: DeviceAdapter) -> None:
         dev.pins -= 1
@@ -140,7 +182,9 @@ class DeviceAdapterCache:
 
     def invalidate(self, name: str) -> None:
         """The adapter was replaced or deleted: new requests must not see the old weights."""
+        self._generation[name] = self.generation(name) + 1
         self._prefetched.discard(name)
+        self._host_loading.pop(name, None)
         dev = self.resident.pop(name, None)
         if dev is None:
             return
@@ -174,15 +218,16 @@ class DeviceAdapterCache:
         for name in names:
             if name in self.resident:
                 continue
-            fut = self._host_loading.get(name)
-            if fut is None:
-                self._host_loading[name] = self._copier.submit(self.get_host, name)
+            loading = self._host_loading.get(name)
+            if loading is None:
+                self._host_loading[name] = (self._copier.submit(self.get_host, name), self.generation(name))
                 continue
+            fut, generation = loading
             if not fut.done():
                 continue
             del self._host_loading[name]
-            if fut.exception() is not None:
-                continue  # admission will surface the error to the request
+            if fut.exception() is not None or generation != self.generation(name):
+                continue  # admission surfaces the error; a load begun before a replace is stale
             adapter = fut.result()
             if self.pool.num_free - self.pages_needed(adapter) < keep_free_pages:
                 continue
@@ -195,7 +240,12 @@ class DeviceAdapterCache:
 
     # -- placement ---------------------------------------------------------------------------
     def _load(
-        self, adapter: LoRAAdapter, reserve_pages: int, may_evict: bool, background: bool = False
+        self,
+        adapter: LoRAAdapter,
+        reserve_pages: int,
+        may_evict: bool,
+        background: bool = False,
+        private: bool = False,
     ) -> DeviceAdapter | None:
         sizes = [self._layer_elems(adapter, layer) for layer in range(self.model.num_layers)]
         need = self.pages_needed(adapter)
@@ -214,11 +264,20 @@ class DeviceAdapterCache:
             return None
         layer_offsets, runs = runs
         dev = self._build(adapter, runs, layer_offsets)
-        if background:
-            dev.ready = self._copier.submit(self._copy, dev)
+        dev.generation = self.generation(adapter.name)
+        try:
+            if background:
+                dev.ready = self._copier.submit(self._copy, dev)
+            else:
+                self._copy(dev)
+        except BaseException:
+            self._free(dev)
+            raise
+        if private:
+            dev.stale = True
+            self.stale.append(dev)
         else:
-            self._copy(dev)
-        self.resident[adapter.name] = dev
+            self.resident[adapter.name] = dev
         self.stats.loads += 1
         return dev
 
@@ -328,10 +387,17 @@ class DeviceAdapterCache:
 
     def _free(self, dev: DeviceAdapter) -> None:
         if dev.ready is not None:
-            dev.ready.result()
+            # Its pages must not be reused while the copy still writes them; a failed copy
+            # leaves nothing to keep.
+            wait([dev.ready])
+            dev.ready = None
         for start, n in dev.runs:
             self.pool.free_run(start, n, Owner.ADAPTER)
         dev.runs = []
+
+    def owned_pages(self) -> list[int]:
+        """Every page held by a resident or stale adapter (for invariant checks)."""
+        return [p for d in (*self.resident.values(), *self.stale) for s, n in d.runs for p in range(s, s + n)]
 
     def snapshot(self) -> dict[str, int]:
         return {

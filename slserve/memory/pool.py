@@ -32,6 +32,10 @@ class OutOfPages(RuntimeError):
     pass
 
 
+class PoolCorrupted(RuntimeError):
+    """The allocator's books disagree with what its owners hold: nothing built on them can be trusted."""
+
+
 def _advise_huge_pages(t: torch.Tensor) -> None:
     """Ask Linux to back a host buffer with 2 MiB pages before it is first touched.
 
@@ -112,6 +116,28 @@ class PagePool:
 
     def free_run(self, start: int, n: int, owner: Owner = Owner.ADAPTER) -> None:
         self.free(list(range(start, start + n)), owner)
+
+    def check(self, owned: dict[Owner, list[int]]) -> None:
+        """Raise PoolCorrupted unless the pages each owner says it holds are exactly the used pages:
+        none held twice, none held but free, none used but held by nobody, counts by owner right."""
+        problems = []
+        held = np.zeros(self.num_pages, dtype=np.int64)
+        for owner, pages in owned.items():
+            idx = np.asarray(pages, dtype=np.int64)
+            if idx.size and (idx.min() < 0 or idx.max() >= self.num_pages):
+                problems.append(f"{owner} holds a page outside the pool")
+                continue
+            np.add.at(held, idx, 1)
+            if len(pages) != self._used[owner]:
+                problems.append(f"{owner} holds {len(pages)} pages, the allocator counts {self._used[owner]}")
+        if (held > 1).any():
+            problems.append(f"{int((held > 1).sum())} pages held twice")
+        if (self._free & (held > 0)).any():
+            problems.append(f"{int((self._free & (held > 0)).sum())} pages held but marked free")
+        if (~self._free & (held == 0)).any():
+            problems.append(f"{int((~self._free & (held == 0)).sum())} pages used but held by nobody")
+        if problems:
+            raise PoolCorrupted("page pool invariants broken: " + "; ".join(problems))
 
     def stats(self) -> dict[str, int]:
         return {

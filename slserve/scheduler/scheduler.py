@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from slserve.adapters.peft_format import AdapterError
 from slserve.memory.adapter_pages import DeviceAdapterCache
+from slserve.memory.adapter_store import AdapterNotFoundError
 from slserve.memory.kv_cache import KVCache
 from slserve.request import Request, Status
 
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 class SchedulerOutput:
     scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, new tokens)
     preempted: list[Request] = field(default_factory=list)
-    failed: list[Request] = field(default_factory=list)  # finished with an error
+    failed: list[Request] = field(default_factory=list)  # finished with an error (req.error, error_status)
 
 
 class Scheduler:
@@ -77,7 +78,8 @@ class Scheduler:
                 continue
             victim = self.running[-1]
             if victim is req and len(self.running) == 1:
-                self._fail(req, "the request needs more KV pages than the whole pool holds", out)
+                held = req.device_adapter.num_pages if req.device_adapter is not None else 0
+                self._fail(req, self._too_large(req, self.kv.pages_for(num_tokens) + held), 400, out)
                 return False
             self._preempt(victim)
             out.preempted.append(victim)
@@ -93,24 +95,28 @@ class Scheduler:
             pages = self.kv.pages_for(n)
             if req.adapter is not None and req.device_adapter is None:
                 try:
-                    dev = self.adapters.acquire(req.adapter, reserve_pages=pages)
+                    dev = self.adapters.acquire(req.adapter, reserve_pages=pages, version=req.adapter_version)
                 except AdapterError as exc:
                     self.waiting.popleft()
-                    self._fail(req, str(exc), out)
+                    self._fail(req, *self._adapter_failure(req, exc), out)
                     continue
                 if dev is None:
+                    # Nothing runs, so nothing is pinned: not even an empty pool holds both.
                     if not self.running:
                         self.waiting.popleft()
-                        self._fail(req, "the adapter and the prompt do not fit in the pool", out)
+                        self._fail(req, self._too_large(req, pages + self._adapter_pages(req)), 400, out)
                         continue
                     break
                 req.device_adapter = dev
+                if req.adapter_version is None:
+                    req.adapter_version = dev.version
             if pages > self.kv.pool.num_free and self.adapters is not None:
                 self.adapters.evict_idle(pages - self.kv.pool.num_free)
             if pages > self.kv.pool.num_free:
                 if not self.running:
                     self.waiting.popleft()
-                    self._fail(req, "the prompt does not fit in the KV pool", out)
+                    held = req.device_adapter.num_pages if req.device_adapter is not None else 0
+                    self._fail(req, self._too_large(req, pages + held), 400, out)
                     continue
                 self._release(req)  # only running requests pin adapters
                 break
@@ -120,6 +126,26 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append((req, n))
             budget -= n
+
+    def _too_large(self, req: Request, pages: int) -> str:
+        what = "the prompt" if req.adapter is None else f"the prompt and its adapter {req.adapter!r}"
+        return (f"{what} do not fit in the KV pool ({pages} pages needed, {self.kv.pool.num_pages} in "
+                f"the pool); use a shorter prompt or a smaller adapter")
+
+    def _adapter_pages(self, req: Request) -> int:
+        version = req.adapter_version
+        try:
+            adapter = version.adapter if version is not None else self.adapters.get_host(req.adapter)
+            return self.adapters.pages_needed(adapter)
+        except AdapterError:
+            return 0
+
+    @staticmethod
+    def _adapter_failure(req: Request, exc: AdapterError) -> tuple[str, int]:
+        """(message, HTTP status) for a request whose adapter cannot be loaded at admission."""
+        if isinstance(exc, AdapterNotFoundError):
+            return f"adapter {req.adapter!r} was deleted before the request was admitted", 404
+        return f"adapter {req.adapter!r} could not be loaded: {exc}", 400
 
     def _release(self, req: Request) -> None:
         self.kv.release(req.block_table)
@@ -136,14 +162,16 @@ class Scheduler:
         self.waiting.appendleft(req)
         logger.debug("preempted %s (%d tokens to recompute)", req.request_id, req.num_tokens)
 
-    def _fail(self, req: Request, message: str, out: SchedulerOutput) -> None:
+    def _fail(self, req: Request, message: str, status: int, out: SchedulerOutput) -> None:
         if req in self.running:
             self.running.remove(req)
         self._release(req)
         req.status = Status.FINISHED
         req.finish_reason = "error"
         req.error = message
+        req.error_status = status
         out.failed.append(req)
+        logger.info("request %s failed: %s", req.request_id, message)
 
     def finish(self, req: Request) -> None:
         """Take a finished or aborted request out, wherever it is, and free what it holds."""
@@ -153,3 +181,7 @@ class Scheduler:
             self.waiting.remove(req)
         self._release(req)
         req.status = Status.FINISHED
+
+    def kv_pages(self) -> list[int]:
+        """Every KV page held by a queued or running request (for invariant checks)."""
+        return [p for req in (*self.running, *self.waiting) for p in req.block_table]

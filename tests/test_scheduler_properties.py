@@ -1,0 +1,219 @@
+"""Allocator and scheduler properties (issue 15), checked with hypothesis over the real PagePool,
+KVCache, DeviceAdapterCache and Scheduler on a tiny model shape; no model weights are needed.
+
+Random sequences of admissions (with and without adapters, including prompts that can never fit
+beside their adapter), steps (KV growth, preemptions), aborts, adapter adds, deletes and replaces
+while requests wait or run, evictions and finishes must never hand out a page twice, never lose
+one, never make the scheduler raise, keep every pinned adapter pinned by running requests only,
+keep a running request on the adapter weights it was first admitted with, fail a request only if
+it cannot fit even alone, and end with the whole pool free.
+"""
+
+from __future__ import annotations
+
+import itertools
+from concurrent.futures import Executor, Future
+
+import numpy as np
+import torch
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from slserve.adapters.peft_format import LoRAAdapter, LoRAWeights
+from slserve.config import ModelConfig
+from slserve.memory.adapter_pages import DeviceAdapterCache
+from slserve.memory.adapter_store import AdapterNotFoundError
+from slserve.memory.kv_cache import KVCache, kv_page_elems
+from slserve.memory.pool import Owner, PagePool
+from slserve.request import Request, Status
+from slserve.sampling_params import SamplingParams
+from slserve.scheduler.scheduler import Scheduler
+
+MODEL = ModelConfig(
+    vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
+    head_dim=4, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, max_position_embeddings=4096,
+    tie_word_embeddings=True, qkv_bias=False, eos_token_ids=(0,), bos_token_id=None,
+)
+PAGE_TOKENS = 4
+NUM_PAGES = 40
+CAPACITY = NUM_PAGES * PAGE_TOKENS  # the engine's max_model_len bound
+NAMES = ["a", "b", "c"]
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# (rank, modules): 4, 8 and 16 pages on all modules; 2 pages on q and v.
+SHAPES = [(1, ALL), (2, ALL), (4, ALL), (2, ("q_proj", "v_proj"))]
+
+
+def make_adapter(name: str, rank: int, modules: tuple[str, ...], seed: int) -> LoRAAdapter:
+    g = torch.Generator().manual_seed(seed)
+    shapes = MODEL.module_shapes()
+    weights = {
+        (layer, m): LoRAWeights(torch.randn(rank, shapes[m][0], generator=g),
+                                torch.randn(shapes[m][1], rank, generator=g), 0.5)
+        for layer in range(MODEL.num_layers) for m in modules
+    }
+    nbytes = sum(w.a.nbytes + w.b.nbytes for w in weights.values())
+    return LoRAAdapter(name, weights, modules, dict.fromkeys(modules, rank), nbytes, {})
+
+
+class InlineExecutor(Executor):
+    """Runs host loads and copies at once, so that every example replays identically."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as e:
+            fut.set_exception(e)
+        return fut
+
+
+class PoolMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = PagePool(NUM_PAGES, kv_page_elems(MODEL, PAGE_TOKENS), torch.float32, "cpu")
+        self.kv = KVCache(self.pool, MODEL, PAGE_TOKENS)
+        self.store: dict[str, LoRAAdapter] = {}
+        self.cache = DeviceAdapterCache(self.pool, MODEL, self._get_host, executor=InlineExecutor())
+        self.sched = Scheduler(self.kv, self.cache, max_num_seqs=4, max_num_batched_tokens=24)
+        self.live: list[Request] = []
+        self.first_weights: dict[Request, LoRAAdapter] = {}
+        self.seeds = itertools.count()
+        self.ids = itertools.count()
+        for name in NAMES[:2]:
+            self.store[name] = make_adapter(name, *SHAPES[next(self.seeds) % len(SHAPES)], next(self.seeds))
+
+    def _get_host(self, name: str) -> LoRAAdapter:
+        adapter = self.store.get(name)
+        if adapter is None:
+            raise AdapterNotFoundError(f"adapter {name!r} not found")
+        return adapter
+
+    # -- rules ------------------------------------------------------------------------------------
+    # Mostly short prompts that grow (pool pressure, preemptions), some up to the model's length.
+    @rule(prompt=st.integers(1, 24) | st.integers(1, CAPACITY - 1), max_tokens=st.integers(1, 40),
+          adapter=st.sampled_from([None, *NAMES]))
+    def add_request(self, prompt: int, max_tokens: int, adapter: str | None) -> None:
+        max_tokens = min(max_tokens, CAPACITY - prompt)
+        if adapter is not None and adapter not in self.store:
+            return  # the engine refuses it with a 404 before queueing
+        req = Request(f"r{next(self.ids)}", [1] * prompt, SamplingParams(max_tokens=max_tokens), adapter)
+        self.sched.add(req)
+        self.live.append(req)
+
+    @rule(steps=st.integers(1, 4))
+    def step(self, steps: int) -> None:
+        for _ in range(steps):
+            self._step()
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def abort(self, data) -> None:
+        req = data.draw(st.sampled_from(self.live))
+        self.sched.finish(req)
+        self.live.remove(req)
+
+    @rule(name=st.sampled_from(NAMES), shape=st.sampled_from(SHAPES))
+    def add_or_replace_adapter(self, name: str, shape: tuple) -> None:
+        self.store[name] = make_adapter(name, *shape, next(self.seeds))
+        self.cache.invalidate(name)
+
+    @rule(name=st.sampled_from(NAMES))
+    def delete_adapter(self, name: str) -> None:
+        if self.store.pop(name, None) is not None:
+            self.cache.invalidate(name)
+
+    @rule(pages=st.integers(1, NUM_PAGES))
+    def evict(self, pages: int) -> None:
+        self.cache.evict_idle(pages)
+
+    def _step(self) -> None:
+        """What Engine.step does with the pool: schedule, prefetch, compute, sample, finish."""
+        out = self.sched.schedule()
+        if out.preempted:
+            event("preemption")
+        if any(r.num_preemptions and r.device_adapter and r.device_adapter.stale for r, _ in out.scheduled):
+            event("readmitted on a stale adapter version")
+        for req in out.failed:
+            event(f"failed with {req.error_status}")
+            self._check_failure(req)
+            self.sched.finish(req)
+            self.live.remove(req)
+        queued = itertools.islice(self.sched.waiting, 16)
+        self.cache.prefetch(list(dict.fromkeys(r.adapter for r in queued if r.adapter)),
+                            keep_free_pages=len(self.sched.running) + 1)
+        for req, n in out.scheduled:
+            assert n > 0 and req.num_computed + n <= req.num_tokens
+            assert len(req.block_table) == self.kv.pages_for(req.num_computed + n)
+            req.num_computed += n
+            if req.num_computed == req.num_tokens:
+                req.token_ids.append(1)
+                if req.num_output_tokens >= req.params.max_tokens:
+                    self.sched.finish(req)
+                    self.live.remove(req)
+
+    def _check_failure(self, req: Request) -> None:
+        """A request fails only when its adapter is gone, or when it cannot fit even alone."""
+        assert req.finish_reason == "error" and req.error
+        if req.error_status == 404:
+            assert req.adapter is not None and req.adapter_version is None and req.adapter not in self.store
+            return
+        assert req.error_status == 400, req.error
+        version = req.adapter_version
+        adapter = version.adapter if version is not None else self.store.get(req.adapter)
+        adapter_pages = self.cache.pages_needed(adapter) if adapter is not None else 0
+        assert adapter_pages + self.kv.pages_for(req.num_tokens) > NUM_PAGES, req.error
+
+    # -- invariants -------------------------------------------------------------------------------
+    @invariant()
+    def pages_are_owned_exactly_once(self) -> None:
+        devs = [*self.cache.resident.values(), *self.cache.stale]
+        kv = [p for r in self.live for p in r.block_table]
+        adapter = [p for d in devs for s, n in d.runs for p in range(s, s + n)]
+        held = np.zeros(NUM_PAGES, dtype=int)
+        for p in kv + adapter:
+            assert 0 <= p < NUM_PAGES
+            held[p] += 1
+        assert held.max(initial=0) <= 1, "a page is handed out twice"
+        assert (held == 1).tolist() == (~self.pool._free).tolist(), "a page is lost or wrongly free"
+        assert self.pool.used(Owner.KV) == len(kv)
+        assert self.pool.used(Owner.ADAPTER) == len(adapter) == sum(d.num_pages for d in devs)
+        assert self.pool.num_free + len(kv) + len(adapter) == NUM_PAGES
+
+    @invariant()
+    def pins_belong_to_running_requests(self) -> None:
+        running = self.sched.running
+        for dev in [*self.cache.resident.values(), *self.cache.stale]:
+            assert dev.pins == sum(r.device_adapter is dev for r in running)
+            if dev.stale:
+                assert dev.pins > 0, "a stale adapter outlived its last user"
+        for req in running:
+            assert req.status is Status.RUNNING
+            assert (req.device_adapter is not None) == (req.adapter is not None)
+            if req.device_adapter is not None:
+                first = self.first_weights.setdefault(req, req.device_adapter.adapter)
+                assert req.device_adapter.adapter is first, "a running request changed adapter weights"
+                assert req.device_adapter.runs, "pinned adapter without pages"
+        for req in self.sched.waiting:
+            assert req.status is Status.WAITING and req.device_adapter is None and not req.block_table
+        assert {id(r) for r in (*running, *self.sched.waiting)} == {id(r) for r in self.live}
+
+    def teardown(self) -> None:
+        # Finishing everything (by running it to completion) leaves the pool idle.
+        for _ in range(2000):
+            if not self.sched.has_work():
+                break
+            self._step()
+            self.pages_are_owned_exactly_once()
+            self.pins_belong_to_running_requests()
+        assert not self.sched.has_work() and not self.live, "requests did not finish"
+        assert not self.cache.stale
+        self.cache.evict_idle(NUM_PAGES)
+        assert self.pool.num_free == NUM_PAGES and not self.cache.resident
+
+
+PoolMachine.TestCase.settings = settings(
+    max_examples=100, stateful_step_count=50, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestPoolMachine = PoolMachine.TestCase
