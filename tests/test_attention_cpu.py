@@ -47,7 +47,8 @@ CASES = [
 def test_cpu_attention_matches_reference(case, dtype, use_cpp):
     q_lens, ctx_lens, heads, kv_heads, *rest = CASES[case]
     head_dim = rest[0] if rest else 16
-    q, k_cache, v_cache, groups, ref, _ = _case(case, q_lens, ctx_lens, heads, kv_heads, head_dim, dtype=dtype)
+    q, k_cache, v_cache, groups, ref, _ = _case(case, q_lens, ctx_lens, heads, kv_heads, head_dim,
+                                                dtype=dtype)
     op = decode_attention_op() if use_cpp else None
     if use_cpp:
         assert op is not None, "the C++ helper must build on this machine"
