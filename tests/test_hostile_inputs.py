@@ -10,6 +10,7 @@ TestClient, which runs the app's lifespan; bodies with lone surrogates are sent 
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -314,3 +315,44 @@ def test_bad_adapter_names_in_upload_and_paths_are_4xx(client):
     # The engine still serves.
     assert _completion(client).status_code == 200
 
+
+
+# -- adapters that overflow once applied (defect 3, at upload) -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def peft_adapter_files(tmp_path_factory) -> tuple[bytes, dict]:
+    """A real peft adapter on the served model, with a large but realistic lora_alpha (256 at
+    r = 8: scale 32) on every module: (config bytes, tensors)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from slserve.model.loader import resolve_model
+    from tests.peft_util import ALL_TARGETS, make_peft_adapter
+
+    base = AutoModelForCausalLM.from_pretrained(str(resolve_model(None)), dtype=torch.float32)
+    path = make_peft_adapter(base, tmp_path_factory.mktemp("peft"), r=8, targets=ALL_TARGETS, seed=3,
+                             alpha=256)
+    return (path / "adapter_config.json").read_bytes(), load_file(path / "adapter_model.safetensors")
+
+
+def _upload(client, name: str, config: bytes, tensors: dict):
+    from safetensors.torch import save
+
+    files = {"config": ("adapter_config.json", config),
+             "weights": ("adapter_model.safetensors", save(tensors))}
+    return client.post("/v1/adapters", data={"name": name}, files=files)
+
+
+def test_overflowing_adapters_are_refused_and_normal_ones_served(client, peft_adapter_files):
+    config, tensors = peft_adapter_files
+    assert _upload(client, "normal", config, tensors).status_code == 201
+    assert _completion(client, model="normal", temperature=0).status_code == 200
+
+    huge_alpha = json.dumps({**json.loads(config), "lora_alpha": 1e30}).encode()
+    key = next(k for k in tensors if "layers.3.self_attn.v_proj.lora_B" in k)
+    huge_weights = {**tensors, key: torch.full_like(tensors[key], 3e38)}
+    for name, cfg, weights in [("alpha", huge_alpha, tensors), ("weights", config, huge_weights)]:
+        error = assert_openai_error(_upload(client, name, cfg, weights), 400, None)
+        assert error["code"] == "invalid_adapter" and "beyond the bound" in error["message"], error
+        assert_openai_error(_completion(client, model=name), 404, "model")
