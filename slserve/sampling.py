@@ -44,10 +44,12 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         temps = torch.tensor([r.params.temperature for r in requests], dtype=logits.dtype)
-        logits = logits / temps[:, None]
-        top_k = [r.params.top_k for r in requests]
+        logits = _scaled_logits(logits, temps)
+        vocab = logits.shape[1]
+        # Python ints, clamped before they become tensors: any k >= vocab keeps every token.
+        top_k = [min(r.params.top_k, vocab) for r in requests]
         top_p = [r.params.top_p for r in requests]
-        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+        if any(0 < k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
             logits = _filter_top_k_top_p(logits, top_k, top_p)
         probs = logits.softmax(dim=-1)
         noise = torch.empty_like(probs)
@@ -57,7 +59,20 @@ class Sampler:
         for i, r in enumerate(requests):
             if r.generator is not None:
                 noise[i].exponential_(generator=r.generator)
+        # An exact 0 draw would make 0 / 0 = NaN for a filtered token, which argmax would pick.
+        noise.clamp_(min=torch.finfo(noise.dtype).tiny)
         return (probs / noise).argmax(dim=-1)
+
+
+def _scaled_logits(logits: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
+    """(logits - row max) / temperature, never NaN: shifting first makes every value <= 0, so a
+    small temperature can only push values towards -inf (weight 0), and the row's maximum stays 0
+    (weight 1). Infinite logits are clamped to the largest finite values first, NaN to the lowest,
+    so that inf - inf cannot occur. temps: [R], each >= GREEDY_TEMPERATURE."""
+    finfo = torch.finfo(logits.dtype)
+    logits = logits.nan_to_num(nan=finfo.min, posinf=finfo.max, neginf=finfo.min)
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    return shifted / temps[:, None]
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

@@ -342,6 +342,29 @@ REFUSALS: dict[str, tuple[Callable[[dict, dict], None], str, int]] = {
     "lora_B_bias_tensor": (_add(f"{PREFIX}.0.self_attn.q_proj.lora_B.bias", (32,)), "lora_B bias", 64),
     "invalid_r": (_set(r="4"), "r must be a positive integer", 64),
     "huge_alpha": (_set(lora_alpha=10**400), "lora_alpha must be a finite number", 64),
+    # Issue 15, defect 3: finite values that overflow once applied.
+    "overflowing_alpha": (_set(lora_alpha=1e30), "the scale (lora_alpha / r) is 2.5e+29, beyond", 64),
+    "overflowing_alpha_rslora": (
+        _set(lora_alpha=1e30, use_rslora=True), "the scale (lora_alpha / r) is 5e+29", 64
+    ),
+    "overflowing_weights": (
+        _edit_tensor(_key(0, "self_attn", "q_proj", "B"), lambda t: t.fill_(3e38)),
+        "layers.0.self_attn.q_proj: the lora_B gain (scale * lora_B) is",
+        64,
+    ),
+    "overflowing_gain": (
+        # each factor within the bound on its own, their product not
+        lambda c, t: (_edit_tensor(_key(1, "mlp", "down_proj", "A"), lambda a: a * 30)(c, t),
+                      _edit_tensor(_key(1, "mlp", "down_proj", "B"), lambda b: b * 3e3)(c, t)),
+        "layers.1.mlp.down_proj: the gain (scale * lora_B @ lora_A) is",
+        64,
+    ),
+    "overflowing_lora_A_with_zero_lora_B": (
+        lambda c, t: (_edit_tensor(_key(0, "self_attn", "v_proj", "A"), lambda a: a.fill_(3e38))(c, t),
+                      _edit_tensor(_key(0, "self_attn", "v_proj", "B"), lambda b: b.zero_())(c, t)),
+        "layers.0.self_attn.v_proj: the lora_A gain is",
+        64,
+    ),
     "invalid_rank_pattern_regex": (_set(rank_pattern={"(": 2}), "invalid regular expression", 64),
     "no_tensors": (lambda c, t: t.clear(), "no LoRA tensors", 64),
 }

@@ -81,10 +81,10 @@ def template(tmp_path_factory) -> tuple[dict, dict[str, torch.Tensor]]:
 def variant(
     template, i: int, rank: int | None = None, alpha: int = 4
 ) -> tuple[bytes, bytes, dict[str, torch.Tensor]]:
-    """Adapter number i: the template's tensors shifted by i (or fresh ones of another rank)."""
+    """Adapter number i: the template's tensors shifted by i / 64 (or fresh ones of another rank)."""
     config, tensors = dict(template[0], lora_alpha=alpha), template[1]
     if rank is None:
-        new = {k: v + i for k, v in tensors.items()}
+        new = {k: v + i / 64 for k, v in tensors.items()}  # distinct, and within the gain bound
     else:
         config["r"] = rank
         g = torch.Generator().manual_seed(i)

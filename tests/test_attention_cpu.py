@@ -28,7 +28,7 @@ def _case(seed, q_lens, ctx_lens, heads, kv_heads, head_dim=16, page_tokens=4, d
     ref = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), bt, torch.tensor(ctx_lens),
                                     starts, head_dim**-0.5)
     groups = build_attention_groups(q_lens, ctx_lens, tables, page_tokens, "cpu")
-    return q, k_cache, v_cache, groups, ref
+    return q, k_cache, v_cache, groups, ref, tables
 
 
 CASES = [
@@ -47,10 +47,40 @@ CASES = [
 def test_cpu_attention_matches_reference(case, dtype, use_cpp):
     q_lens, ctx_lens, heads, kv_heads, *rest = CASES[case]
     head_dim = rest[0] if rest else 16
-    q, k_cache, v_cache, groups, ref = _case(case, q_lens, ctx_lens, heads, kv_heads, head_dim, dtype=dtype)
+    q, k_cache, v_cache, groups, ref, _ = _case(case, q_lens, ctx_lens, heads, kv_heads, head_dim,
+                                                dtype=dtype)
     op = decode_attention_op() if use_cpp else None
     if use_cpp:
         assert op is not None, "the C++ helper must build on this machine"
     out = paged_attention(q, k_cache, v_cache, groups, head_dim**-0.5, decode_op=op)
     tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out.float(), ref, **tol)
+
+
+def poison_stale_slots(k_cache, v_cache, tables, ctx_lens, page_tokens, value: float) -> None:
+    """Write `value` into every cache slot that no sequence owns below its context length: the
+    tails of last pages and whole unused pages, as a freed request or adapter may leave them."""
+    stale = torch.ones(k_cache.shape[:2], dtype=torch.bool)
+    for table, ctx in zip(tables, ctx_lens, strict=True):
+        for i in range(ctx):
+            stale[table[i // page_tokens], i % page_tokens] = False
+    k_cache[stale] = value
+    v_cache[stale] = value
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("use_cpp", [False, True])
+def test_stale_nonfinite_slots_are_never_read(case, use_cpp, poison):
+    """Issue 15, defect 3: NaN/inf left in freed pages must not reach a later sequence whose last
+    page is partly filled (every case has such a sequence), nor through padding pages."""
+    q_lens, ctx_lens, heads, kv_heads, *rest = CASES[case]
+    head_dim = rest[0] if rest else 16
+    assert any(c % 4 for c in ctx_lens), "the case needs a partly filled last page"
+    q, k_cache, v_cache, groups, ref, tables = _case(case, q_lens, ctx_lens, heads, kv_heads, head_dim)
+    poison_stale_slots(k_cache, v_cache, tables, ctx_lens, 4, poison)
+    op = decode_attention_op() if use_cpp else None
+    out = paged_attention(q, k_cache, v_cache, groups, head_dim**-0.5, decode_op=op)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+

@@ -129,3 +129,23 @@ def test_query_rows_owned_by_no_sequence():
     out = paged_attention_triton(**case)
     expected = paged_attention_reference(**case)
     torch.testing.assert_close(out[:-1], expected[:-1], **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("layout", ["decode", "chunked_prefill", "ragged_long"])
+def test_stale_nonfinite_slots_are_never_read(layout, poison):
+    """Issue 15, defect 3: NaN/inf in slots no sequence owns (tails of last pages, unused pages)
+    must not reach the output; every layout has sequences whose last page is partly filled."""
+    case, meta = make_case(LAYOUTS[layout], 4, 2, head_dim=16, page_tokens=4, strided=True)
+    expected = paged_attention_reference(**case)
+    q_lens, seq_lens, tables, page_tokens = meta
+    assert any(c % page_tokens for c in seq_lens)
+    stale = torch.ones(case["k_cache"].shape[:2], dtype=torch.bool, device=DEVICE)
+    for table, ctx in zip(tables, seq_lens, strict=True):
+        for i in range(ctx):
+            stale[table[i // page_tokens], i % page_tokens] = False
+    case["k_cache"][stale] = poison
+    case["v_cache"][stale] = poison
+    out = paged_attention_triton(**case, block_n=16)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, **TOLERANCE[torch.float32])

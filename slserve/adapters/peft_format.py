@@ -210,6 +210,7 @@ def parse_peft_adapter(
         a = _to_float32(a, where + ".lora_A", name)
         b = _to_float32(b, where + ".lora_B", name)
         scale = alpha / math.sqrt(r) if spec.use_rslora else alpha / r
+        _check_gain(a, b, scale, max_gain(model), where, name)
         modules[(layer, module)] = LoRAWeights(a=a, b=b, scale=float(scale))
         ranks[module] = max(ranks.get(module, 0), r)
         nbytes += a.numel() * a.element_size() + b.numel() * b.element_size()
@@ -529,6 +530,52 @@ def _check_shapes(
             f"(expected [{r}, {in_features}] / [{out_features}, {r}])",
         )
     return r
+
+
+def max_gain(model: ModelConfig) -> float:
+    """The largest gain a module's LoRA may have on `model` (see _check_gain), a bound that keeps
+    every activation finite in float32 and bfloat16, which share float32's exponent range.
+
+    The residual stream must stay below sqrt(max / hidden): RMSNorm squares and sums it. Each
+    block reads a normalised input, so gains do not compound across layers, only within one: q/k/v
+    and gate/up see unit-RMS inputs (gain g), o_proj a mix of value rows (g^2), down_proj the
+    product gate * up (g^3). Layers add up, so num_layers * g^3 <= sqrt(max / hidden), i.e.
+    g <= (sqrt(max / hidden) / num_layers)^(1/3): 2.9e5 for SmolLM2-135M (576 wide, 30 layers).
+    Trained adapters have gains of about 1 to 1e3, the overflowing ones of issue 15 above 1e29.
+    float16 has a far smaller range, which base models alone can exceed; it is not covered.
+    """
+    limit = math.sqrt(torch.finfo(torch.float32).max / model.hidden_size)
+    return (limit / model.num_layers) ** (1 / 3)
+
+
+def _check_gain(a: torch.Tensor, b: torch.Tensor, scale: float, bound: float, where: str, name: str) -> None:
+    """Refuse a module whose LoRA could overflow the serving dtype once applied.
+
+    For an input row x of RMS 1 (so |x|_2 = sqrt(in)), Cauchy-Schwarz gives the exact worst cases
+        shrink  |(x @ A^T)_i|            <= |A_i|_2 * sqrt(in)
+        output  |scale * (x @ A^T @ B^T)_j| <= |scale| * |(B @ A)_j|_2 * sqrt(in)      (the gain)
+    and, for the expand alone on an intermediate of RMS 1, |scale| * |B_j|_2 * sqrt(r). Each of
+    these, and |scale| itself, must stay within `bound` (max_gain). |(B @ A)_j|^2 is computed as
+    B_j (A A^T) B_j^T, which costs r^2 (in + out) instead of the r * in * out of forming B @ A.
+    Squares are taken in float32, so weights beyond ~1e19 make a gain inf and are refused whatever
+    the scale; such weights are absurd for any model.
+    """
+    r, in_features = a.shape
+    row_gain = float(((b @ (a @ a.T)) * b).sum(dim=1).max()) ** 0.5  # max_j |(B @ A)_j|_2
+    gains = {
+        "scale (lora_alpha / r)": abs(scale),
+        "lora_A gain": float(a.norm(dim=1).max()) * math.sqrt(in_features),
+        "lora_B gain (scale * lora_B)": abs(scale) * float(b.norm(dim=1).max()) * math.sqrt(r),
+        "gain (scale * lora_B @ lora_A)": abs(scale) * row_gain * math.sqrt(in_features),
+    }
+    for what, gain in gains.items():
+        if not gain <= bound:  # also refuses inf and NaN
+            raise _error(
+                name,
+                f"{where}: the {what} is {gain:.3g}, beyond the bound {bound:.3g} that keeps the model's "
+                "activations finite (a unit-RMS input could overflow float32/bfloat16); retrain or rescale "
+                "the adapter",
+            )
 
 
 def _to_float32(t: torch.Tensor, where: str, name: str) -> torch.Tensor:

@@ -1,34 +1,73 @@
 """The OpenAI schema (and vLLM's adapter routes) as pydantic models, plus the request -> engine
 settings conversion.
 
-Types are checked by pydantic (a wrong type is a 422); values are checked here, in
-`sampling_params`, so that an out-of-range value is a 400 naming its parameter, as OpenAI does.
+Types are checked by pydantic (a wrong type is a 422); values are checked here and in
+`SamplingParams`, so that an out-of-range value is a 400 naming its parameter, as OpenAI does.
+Strings are checked once, for every request body, before any field is read: a lone UTF-16
+surrogate ("\\ud800", which JSON can carry) cannot be encoded as UTF-8, so the tokenizer, a file
+path or the error message that echoes it would fail later as a 500.
 Unknown request fields are ignored. Fields marked "extra" are not in OpenAI's schema but in vLLM's.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from slserve.api.errors import APIError
-from slserve.sampling_params import SamplingParams
+from slserve.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, SamplingParamsError
 
 MAX_N = 128
 MAX_LOGPROBS = 20
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _find_lone_surrogate(value: Any, path: str) -> str | None:
+    """The path (e.g. "messages.0.content") of the first string in a JSON value, key or item, that
+    holds a UTF-16 surrogate; None if there is none."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            where = f"{path}.{k}" if path else str(k)
+            if isinstance(k, str) and _SURROGATE.search(k):
+                return path or "body"
+            if (found := _find_lone_surrogate(v, where)) is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if (found := _find_lone_surrogate(v, f"{path}.{i}")) is not None:
+                return found
+    return None
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class _Body(_Request):
+    """A whole request body: its raw JSON is checked for lone surrogates before validation. The
+    check raises APIError (not ValueError), which pydantic passes through unchanged, so the client
+    gets a 400 naming the field instead of a 422."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        where = _find_lone_surrogate(data, "")
+        if where is not None:
+            raise APIError(400, f"{where} contains a lone UTF-16 surrogate, which is not valid Unicode text",
+                           where.split(".", 1)[0] if where != "body" else None)
+        return data
+
+
 class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class _SamplingRequest(_Request):
+class _SamplingRequest(_Body):
     """Fields that completions and chat share."""
 
     model: str | None = None  # an adapter name, or the base model (also when left out)
@@ -65,30 +104,19 @@ class _SamplingRequest(_Request):
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
         """One SamplingParams per choice; seeded choices get seed + i so that they differ."""
-        temperature = 1.0 if self.temperature is None else self.temperature
-        top_p = 1.0 if self.top_p is None else self.top_p
         top_k = -1 if self.top_k in (None, 0) else self.top_k
-        checks = (
-            ("max_tokens", max_tokens >= 1, f"max_tokens must be at least 1, got {max_tokens}"),
-            ("temperature", 0 <= temperature <= 100, f"temperature must be in [0, 100], got {temperature}"),
-            ("top_p", 0.0 < top_p <= 1.0, f"top_p must be in (0, 1], got {top_p}"),
-            ("top_k", top_k == -1 or top_k >= 1, f"top_k must be -1 (off) or positive, got {top_k}"),
-        )
-        for param, ok, message in checks:
-            if not ok:
-                raise APIError(400, message, param)
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if any(not s for s in stop):
-            raise APIError(400, "stop strings must be non-empty", "stop")
+        if self.seed is not None and not INT64_MIN <= self.seed <= INT64_MAX - (self.n - 1):
+            message = f"seed must be in [-2**63, 2**63 - n] (choice i uses seed + i), got {self.seed}"
+            raise APIError(400, message, "seed")
         try:
             return [
                 SamplingParams(
                     max_tokens=max_tokens,
-                    temperature=temperature,
-                    top_p=top_p,
+                    temperature=1.0 if self.temperature is None else self.temperature,
+                    top_p=1.0 if self.top_p is None else self.top_p,
                     top_k=top_k,
                     seed=None if self.seed is None else self.seed + i,
-                    stop=stop,
+                    stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
                     stop_token_ids=list(self.stop_token_ids or []),
                     ignore_eos=self.ignore_eos,
                     logprobs=logprobs,
@@ -96,8 +124,8 @@ class _SamplingRequest(_Request):
                 )
                 for i in range(self.n)
             ]
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
+        except SamplingParamsError as e:
+            raise APIError(400, str(e), e.param) from None
 
 
 class CompletionRequest(_SamplingRequest):
@@ -182,13 +210,13 @@ class ChatCompletionRequest(_SamplingRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class LoadLoRAAdapterRequest(_Request):
+class LoadLoRAAdapterRequest(_Body):
     lora_name: str
     lora_path: str
     load_inplace: bool = False  # vLLM's name for replace
 
 
-class UnloadLoRAAdapterRequest(_Request):
+class UnloadLoRAAdapterRequest(_Body):
     lora_name: str
     lora_int_id: int | None = None
 

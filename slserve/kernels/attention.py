@@ -51,19 +51,27 @@ def paged_attention_reference(
 class AttentionGroup:
     """Sequences attended together by one padded call.
 
-    q_index:  [B, Qm] long   query token of each (sequence, slot); padding points at token 0
-    q_valid:  [B, Qm] bool
-    pages:    [B * NB] long  block tables, flattened, padded with page 0
-    mask:     [B, 1, Qm, K] bool, K = NB * P, True where the key is visible (prefill groups)
-    bias:     [B, 1, 1, K] float32, 0 where visible and -inf elsewhere (decode groups)
-    ctx_lens: [B] long       context length of each sequence
+    q_index:   [B, Qm] long   query token of each (sequence, slot); padding points at token 0
+    q_valid:   [B, Qm] bool
+    pages:     [B * NB] long  block tables, flattened, padded with page 0
+    mask:      [B, 1, Qm, K] bool, K = NB * P, True where the key is visible
+    key_outside: [B, K, 1, 1] bool, True for key slots outside the sequence (position >= ctx_len)
+    decode:    one query per sequence
+    ctx_lens:  [B] long       context length of each sequence
+
+    The gathered pages also hold slots no sequence wrote: the tail of each last page and the
+    padding pages. They are stale data of earlier owners (a freed request's K/V, a freed adapter's
+    weights) and may be inf or NaN, which a 0 weight or a -inf bias does not cancel
+    (0 * NaN = NaN, -inf + NaN = NaN). So masked scores are selected away, never added to, and
+    K/V rows outside the sequence are zeroed before they meet a matmul.
     """
 
     q_index: torch.Tensor
     q_valid: torch.Tensor
     pages: torch.Tensor
-    mask: torch.Tensor | None
-    bias: torch.Tensor | None
+    mask: torch.Tensor
+    key_outside: torch.Tensor
+    decode: bool
     all_valid: bool
     ctx_lens: torch.Tensor
 
@@ -104,15 +112,14 @@ def _build_group(members, q_lens, ctx_lens, block_tables, starts, page_tokens, d
     mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < ctx[:, None, None])
     # Padded query slots see key 0 only, so softmax never meets an all-masked row.
     mask[:, :, 0] |= ~q_valid
-    bias = None
-    if qm == 1:
-        bias = torch.zeros(b, 1, 1, nb * page_tokens).masked_fill_(~mask[:, None], float("-inf"))
+    key_outside = k_pos[None, :] >= ctx[:, None]
     return AttentionGroup(
         q_index=q_index.to(device),
         q_valid=q_valid.to(device),
         pages=pages.flatten().to(device),
-        mask=None if qm == 1 else mask[:, None].to(device),
-        bias=None if bias is None else bias.to(device),
+        mask=mask[:, None].to(device),
+        key_outside=key_outside[:, :, None, None].to(device),
+        decode=qm == 1,
         all_valid=bool(q_valid.all()),
         ctx_lens=ctx.to(device),
     )
@@ -135,15 +142,17 @@ def paged_attention(
     out = torch.empty_like(q)
     for g in groups:
         b, qm = g.q_index.shape
-        if g.bias is not None and decode_op is not None:
+        if g.decode and decode_op is not None:
             decode_op(out, q, k_cache, v_cache, g.q_index.view(-1), g.pages.view(b, -1), g.ctx_lens, scale)
             continue
-        k = k_cache.index_select(0, g.pages).view(b, -1, KVH, D)  # [B, K, KVH, D]
-        v = v_cache.index_select(0, g.pages).view(b, -1, KVH, D)
-        if g.bias is not None:
+        # [B, K, KVH, D], stale slots zeroed (see AttentionGroup)
+        k = k_cache.index_select(0, g.pages).view(b, -1, KVH, D).masked_fill_(g.key_outside, 0)
+        v = v_cache.index_select(0, g.pages).view(b, -1, KVH, D).masked_fill_(g.key_outside, 0)
+        if g.decode:
             idx = g.q_index.view(-1)
             qg = q.index_select(0, idx).view(b, KVH, H // KVH, D)
-            scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale + g.bias  # [B, KVH, g, K]
+            scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [B, KVH, g, K]
+            scores = torch.where(g.mask, scores, float("-inf"))
             o = torch.matmul(scores.softmax(-1).to(q.dtype), v.transpose(1, 2))  # [B, KVH, g, D]
             out.index_copy_(0, idx, o.reshape(b, H, D))
             continue

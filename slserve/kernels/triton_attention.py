@@ -85,6 +85,8 @@ def _paged_attention_kernel(
     kv_end = ctx - q_len + tl.minimum(q_len, (q_block + 1) * BLOCK_Q)
     for start in range(0, kv_end, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)
+        # Slots at or past kv_end are never loaded (other=0): a reused page may hold its earlier
+        # owner's NaN/inf there, which a zero softmax weight would not cancel (0 * NaN = NaN).
         k_valid = k_pos < kv_end
         page = tl.load(
             block_tables_ptr + seq * stride_bs + (k_pos // page_tokens) * stride_bb, mask=k_valid, other=0

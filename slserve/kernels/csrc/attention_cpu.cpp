@@ -5,7 +5,8 @@
 //   out[t, h] = softmax(scale * q[t, h] . K[b, 0:L, h / group]) @ V[b, 0:L, h / group]
 // where K[b, i] lives at k_cache[block_tables[b, i / P], i % P]. The batched-matmul alternative
 // spends most of its time on tiny GEMM set-up and on copying the gathered cache into matmul
-// layout; this loop reads every key and value once and accumulates in float32.
+// layout; this loop reads every key and value once and accumulates in float32. Slots at or past
+// L are never read: a reused page may hold its earlier owner's NaN/inf there, and 0 * NaN = NaN.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
