@@ -156,7 +156,7 @@ class Engine:
     # -- the step ----------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         sched = self.scheduler.schedule()
-        outputs = [self._finish(req, []) for req in sched.failed]
+        outputs = [self._finish(req, [], []) for req in sched.failed]
         self.counters["preemptions"] += len(sched.preempted)
         self.adapter_cache.prefetch(
             list(dict.fromkeys(r.adapter for r in itertools.islice(self.scheduler.waiting, 16) if r.adapter)),
