@@ -19,9 +19,10 @@ class LoRAHook(Protocol):
 def dense(weight: torch.Tensor, bias: torch.Tensor | None = None):
     """x -> x @ W^T (+ b). On CPUs in bfloat16 the weight is packed once into oneDNN's blocked
     layout: an unpacked bfloat16 matmul re-lays the weight out on every call, which at decode
-    batch sizes costs as much as the arithmetic."""
+    batch sizes costs as much as the arithmetic. oneDNN packs bfloat16 only on CPUs with AVX512
+    (BW/VL/DQ) or AVX-NE-CONVERT; elsewhere the plain matmul is the one that works."""
     on_cpu = weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
-    if on_cpu and weight.dtype == torch.bfloat16:
+    if on_cpu and weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return lambda x: F.linear(x, weight, bias)
