@@ -226,7 +226,7 @@ async def _upload(client: httpx.AsyncClient, name: str, src: Path, replace: bool
 async def _churn(client, rng: random.Random, names: list[str], uploads: list[Path], churn: Churn,
                  stop: asyncio.Event, failures: list[str]) -> None:
     """Upload, replace and delete the churn adapters until the load ends."""
-    present = set(names)
+    present: set[str] = set()  # none exists before its first upload
     while not stop.is_set():
         name = rng.choice(names)
         if name in present:
