@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from slserve.config import EngineConfig
 from slserve.engine import Engine
 from slserve.memory.adapter_store import AdapterInfo
+from slserve.memory.host_malloc import release_free_memory
 from slserve.outputs import StepOutput
 from slserve.request import Request, Status
 from slserve.sampling_params import SamplingParams
@@ -235,8 +236,12 @@ class AsyncEngine:
         self._done.set()
         engine = self._engine
         logger.info("engine ready: %s", engine.model_name)
+        stepped = False  # since the engine was last idle
         try:
             while True:
+                if stepped and not engine.has_unfinished():
+                    stepped = False
+                    release_free_memory()  # the steps' freed buffers, before sleeping (host_malloc.py)
                 # Block only when there is nothing to step; then take whatever else is queued.
                 commands = [] if engine.has_unfinished() else [self._commands.get()]
                 with contextlib.suppress(queue.Empty):
@@ -248,6 +253,7 @@ class AsyncEngine:
                 if commands:
                     self._post(self._handle(engine, commands))
                 if engine.has_unfinished():
+                    stepped = True
                     self._post(self._step(engine))
         except BaseException as e:
             self._die(e)

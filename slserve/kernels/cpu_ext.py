@@ -9,11 +9,22 @@
   pass each (see slserve/model/ops.py).
 
 If the compiler is missing, the engine falls back to the pure torch path (same results).
+
+The helpers are compiled for the CPU they run on (`-march=native`: AVX512-BF16 loops where the
+CPU has them). A build cache copied or shared to a CPU without those instructions would die with
+an illegal instruction, so the extension's name carries a hash of the compiler, the flags and the
+CPU's ISA flags: another CPU builds (and caches) its own. Two environment variables, for fleets
+and for tests: SLSERVE_CPU_MARCH picks the target instead of `native` (a portable baseline such
+as x86-64-v2), and SLSERVE_NO_CPU_EXT=1 skips the build (the torch path, as with no compiler).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import platform
+import re
 from functools import cache
 from pathlib import Path
 
@@ -24,14 +35,58 @@ logger = logging.getLogger(__name__)
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
 
 
+# /proc/cpuinfo flags that change what the compiler may emit for -march=native (x86 and Arm).
+_ISA_FLAG = re.compile(r"^(avx|amx|sse|ssse|fma|f16c|bmi|vnni|asimd|sve|sha|aes|fp16|bf16|i8mm)")
+
+
+def march() -> str:
+    """The -march target of the C++ helpers: SLSERVE_CPU_MARCH, else native."""
+    return os.environ.get("SLSERVE_CPU_MARCH", "").strip() or "native"
+
+
+def cpu_ext_disabled() -> bool:
+    """SLSERVE_NO_CPU_EXT=1: never build or load the C++ helpers (the pure torch path)."""
+    return os.environ.get("SLSERVE_NO_CPU_EXT", "").strip().lower() in ("1", "true", "yes")
+
+
+def cpu_isa() -> str:
+    """The CPU's instruction-set flags relevant to code generation, as one sorted string."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):
+                flags.update(f for f in value.split() if _ISA_FLAG.match(f))
+                break
+    except OSError:  # not Linux: torch's coarse level still tells AVX2 from AVX512 machines
+        pass
+    return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} {' '.join(sorted(flags))}"
+
+
+def build_flags(target: str) -> list[str]:
+    return ["-O3", f"-march={target}", "-ffast-math", "-fopenmp"]
+
+
+def extension_name(cflags: list[str]) -> str:
+    """slserve_cpu_<hash of compiler, flags and, for native builds, this CPU's ISA flags>."""
+    key = [os.environ.get("CXX", "c++"), *cflags]
+    if any(f == "-march=native" for f in cflags):
+        key.append(cpu_isa())
+    return "slserve_cpu_" + hashlib.sha256("\n".join(key).encode()).hexdigest()[:12]
+
+
 @cache
 def cpu_ops():
     """torch.ops.slserve with the C++ helpers, or None when they cannot be built here."""
+    if cpu_ext_disabled():
+        logger.info("C++ CPU helpers disabled by SLSERVE_NO_CPU_EXT, using the pure torch path")
+        return None
     try:
         from torch.utils.cpp_extension import load
 
-        load(name="slserve_cpu", sources=[str(s) for s in SOURCES], is_python_module=False,
-             extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], verbose=False)
+        cflags = build_flags(march())
+        load(name=extension_name(cflags), sources=[str(s) for s in SOURCES], is_python_module=False,
+             extra_cflags=cflags, verbose=False)
         return torch.ops.slserve
     except Exception as exc:  # no compiler, no ninja, ...: the torch path is still correct
         logger.warning("C++ CPU helpers unavailable, using the pure torch path: %s", exc)

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import math
-from functools import cache
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 
 class LoRAHook(Protocol):
@@ -23,25 +19,13 @@ class LoRAHook(Protocol):
 def dense(weight: torch.Tensor, bias: torch.Tensor | None = None):
     """x -> x @ W^T (+ b). On CPUs in bfloat16 the weight is packed once into oneDNN's blocked
     layout: an unpacked bfloat16 matmul re-lays the weight out on every call, which at decode
-    batch sizes costs as much as the arithmetic."""
-    if weight.dtype == torch.bfloat16 and _packs_bf16(weight.device):
+    batch sizes costs as much as the arithmetic. oneDNN packs bfloat16 only on CPUs with AVX512
+    (BW/VL/DQ) or AVX-NE-CONVERT; elsewhere the plain matmul is the one that works."""
+    on_cpu = weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+    if on_cpu and weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return lambda x: F.linear(x, weight, bias)
-
-
-@cache
-def _packs_bf16(device: torch.device) -> bool:
-    """Whether oneDNN can pack bfloat16 weights here: it needs AVX512 (BW/VL/DQ) or AVX-NE-CONVERT
-    and refuses on CPUs without them (an AVX2-only EPYC, say), where F.linear still works."""
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), 16)
-    except RuntimeError as exc:
-        logger.info("bfloat16 weights stay unpacked on this CPU: %s", exc)
-        return False
-    return True
 
 
 class Linear(nn.Module):
