@@ -240,6 +240,20 @@ def _chat_logprobs(text: _TokenText, lps: list[TokenLogprob]) -> p.ChatLogprobs:
     return p.ChatLogprobs(content=content)
 
 
+# The upload body is parsed by hand (bounded streaming), so FastAPI cannot describe it; clients and
+# schema fuzzers read it from here.
+_UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object",
+    "required": ["name", "config", "weights"],
+    "properties": {
+        "name": {"type": "string", "description": "adapter name: [A-Za-z0-9._-], at most 64 characters"},
+        "config": {"type": "string", "format": "binary", "description": "adapter_config.json"},
+        "weights": {"type": "string", "format": "binary", "description": "adapter_model.safetensors"},
+        "replace": {"type": "string", "description": "true: overwrite an adapter of that name"},
+    },
+}}}}}
+
+
 # -- graceful stop ------------------------------------------------------------------------------
 
 
@@ -595,7 +609,7 @@ def create_app(
     def too_large() -> APIError:
         return APIError(413, f"the upload is larger than the server's limit of {cfg.max_upload_bytes} bytes")
 
-    @app.post("/v1/adapters", status_code=201, dependencies=[admin])
+    @app.post("/v1/adapters", status_code=201, dependencies=[admin], openapi_extra=_UPLOAD_SCHEMA)
     async def upload_adapter(request: Request, replace: bool = Query(False)) -> p.AdapterCard:
         limit = cfg.max_upload_bytes + _MULTIPART_SLACK
         length = request.headers.get("content-length")
