@@ -77,6 +77,9 @@ class AsyncEngine:
         self._done = threading.Event()  # built or failed
         self.error: BaseException | None = None
         self._stopped = False
+        # Graceful stop (see `begin_drain`, `end_requests`): set on the loop thread only.
+        self._draining = False
+        self._refusing = False
         self.started_at: float | None = None
         # Requests not yet admitted by the scheduler: counted on the loop thread when submitted,
         # discounted on the engine thread when admitted, refused, aborted or failed.
@@ -102,14 +105,25 @@ class AsyncEngine:
         return self.started_at is not None
 
     @property
-    def ready(self) -> bool:
+    def running(self) -> bool:
+        """The engine is built and its thread serves: requests already received may still use it
+        while the server drains."""
         return self._ready.is_set() and not self._stopped
+
+    @property
+    def ready(self) -> bool:
+        """Ready for new requests (what /health reports): running and not draining."""
+        return self.running and not self._draining
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     @property
     def engine(self) -> Engine:
         """The engine, for its read-only attributes (tokenizer, model_name, max_model_len).
         Never call its methods from another thread: use `call`."""
-        if not self.ready:
+        if not self.running:
             raise EngineNotReady(self.not_ready_reason())
         assert self._engine is not None
         return self._engine
@@ -120,14 +134,42 @@ class AsyncEngine:
                     f"{type(self.fatal).__name__}: {self.fatal}")
         if self.error is not None:
             return f"the engine failed to start: {type(self.error).__name__}: {self.error}"
-        if self._stopped:
+        if self._stopped or self._refusing:
             return "the server is shutting down"
+        if self._draining:
+            return "the server is draining: it finishes the requests it has and accepts no new ones"
         return "the model is still loading"
 
     async def wait_ready(self) -> bool:
         """True once the engine is built, False if building it failed."""
         await asyncio.get_running_loop().run_in_executor(None, self._done.wait)
         return self._ready.is_set()
+
+    def begin_drain(self) -> None:
+        """Stop being ready (/health answers 503) while the requests already received go on."""
+        self._draining = True
+
+    async def end_requests(self, reason: str) -> int:
+        """Refuse every later submit and end every unfinished request now: each open stream gets
+        EngineNotReady(reason) (HTTP 503), and the engine aborts the requests, freeing their pages.
+        Returns how many engine requests were ended."""
+        self._draining = self._refusing = True
+        if not self.running:
+            return 0
+        err = EngineNotReady(reason)
+
+        def end_all(engine: Engine) -> int:  # on the engine thread, between two steps
+            queues = {id(q): q for q in self._queues.values()}
+            ended = list(self._queues)
+            self._queues.clear()
+            for rid in ended:
+                engine.abort(rid)
+            self._discount(len(self._unadmitted))
+            self._unadmitted.clear()
+            self._post([(q, err) for q in queues.values()])
+            return len(ended)
+
+        return await self.call(end_all)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopped = True
@@ -144,7 +186,9 @@ class AsyncEngine:
         can still answer with an error status. Close the stream (or use `async with`) to abort
         what is unfinished.
         """
-        if not self.ready:
+        # A draining server still adds the requests it received before the drain began (the HTTP
+        # layer refuses new ones); once the rest are ended nothing more gets in.
+        if not self.running or self._refusing:
             raise EngineNotReady(self.not_ready_reason())
         n = len(items)
         with self._waiting_lock:
@@ -181,7 +225,7 @@ class AsyncEngine:
 
     async def call(self, fn: Callable[[Engine], T]) -> T:
         """Run fn(engine) on the engine thread between two steps and return its result."""
-        if not self.ready:
+        if not self.running:
             raise EngineNotReady(self.not_ready_reason())
         future: Future = Future()
         self._commands.put(("call", fn, future))

@@ -42,6 +42,7 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
         max_queue=a.max_queue, adapter_dir=a.adapter_dir, max_lora_rank=a.max_lora_rank,
         host_cache_bytes=a.host_cache_mib * MIB, preload_adapters=a.preload_adapters,
         max_upload_bytes=a.max_upload_mib * MIB, tp=a.tp, kernel_backend=a.kernel_backend, threads=a.threads,
+        drain_timeout=getattr(a, "drain_timeout", EngineConfig.drain_timeout),  # `serve` only
     )
 
 
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--api-key", default=None, help="required as Bearer token on /v1 routes")
     serve.add_argument("--admin-key", default=None, help="required on adapter write routes")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--drain-timeout", type=float, default=EngineConfig().drain_timeout, metavar="SECONDS",
+                       help="on SIGTERM/SIGINT, how long requests in flight may still run (then they end "
+                            "with a 503 error)")
     _engine_args(serve)
 
     args = parser.parse_args(argv)

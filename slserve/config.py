@@ -91,6 +91,8 @@ class EngineConfig:
     kernel_backend: str = "auto"  # auto | torch | triton
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     cpu_extension: bool = True  # the C++ LoRA loop on CPUs (falls back to Python if it cannot build)
+    # Server stop: how long SIGTERM waits for requests in flight before ending them with an error.
+    drain_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -109,6 +111,8 @@ class EngineConfig:
             raise ValueError("threads must be >= 1")
         if self.tp < 1:
             raise ValueError("tp must be >= 1")
+        if not 0 <= self.drain_timeout < float("inf"):
+            raise ValueError("drain_timeout must be a finite number of seconds >= 0")
         if self.kernel_backend not in ("auto", "torch", "triton"):
             raise ValueError("kernel_backend must be auto, torch or triton")
 

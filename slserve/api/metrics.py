@@ -123,6 +123,23 @@ class TokenTimer:
         self.metrics.e2e.observe(time.perf_counter() - self.start)
 
 
+# Labels must come from bounded sets: anyone may send any method to any path, and every new label
+# value is a series kept until the process ends.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UNMATCHED = "unmatched"
+
+
+def method_label(scope: Scope) -> str:
+    method = scope.get("method", "")
+    return method if method in METHODS else "other"
+
+
+def route_label(scope: Scope) -> str:
+    """The template of the route that matched (e.g. /v1/adapters/{name}), never the raw path."""
+    path = getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) else UNMATCHED
+
+
 class RequestCounter:
     """ASGI middleware counting responses by route template (not raw path) and status."""
 
@@ -140,9 +157,7 @@ class RequestCounter:
             nonlocal counted
             if not counted:
                 counted = True
-                route = scope.get("route")
-                path = getattr(route, "path", None) or "unmatched"
-                self.metrics.requests.labels(path, scope.get("method", ""), str(status)).inc()
+                self.metrics.requests.labels(route_label(scope), method_label(scope), str(status)).inc()
 
         async def send_counting(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -6,8 +6,12 @@
     POST /v1/load_lora_adapter, /v1/unload_lora_adapter   vLLM's adapter routes
     GET  /health, /metrics                         readiness, Prometheus
 
-The event loop tokenizes, validates and formats; the engine thread only steps. A request's
-`model` names an adapter, or the base model for none.
+The event loop validates and formats; prompts are tokenized on a small worker pool (a long
+prompt takes seconds and must not stall every other request); the engine thread only steps. A
+request's `model` names an adapter, or the base model for none.
+
+SIGTERM or SIGINT drains (`Drain`): new requests get 503, those already received finish until
+`drain_timeout`, then the rest end with an OpenAI error, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Any, TypeVar
 
 import uvicorn
@@ -30,7 +36,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from slserve.api import protocol as p
 from slserve.api.errors import APIError, error_body, install_error_handlers, to_api_error
@@ -44,6 +50,12 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 # multipart framing around the two files and the name; the files themselves get max_upload_bytes
 _MULTIPART_SLACK = 64 << 10
+# Tokenizer threads: enough to overlap two large requests, few enough to leave the engine its cores.
+_TOKENIZE_THREADS = 2
+# After the drain deadline, how long the ended requests get to write their error responses.
+_END_GRACE_S = 5.0
+# Open during a drain: a load balancer must see the 503 of /health, Prometheus the last scrape.
+_ALWAYS_OPEN = ("/health", "/metrics")
 
 
 # -- auth ---------------------------------------------------------------------------------------
@@ -182,6 +194,16 @@ def _finish_error(out: StepOutput) -> APIError | None:
                     code=_FINISH_ERROR_CODES.get(status, "request_failed"))
 
 
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+    """tokenizer.encode(text), through the Rust tokenizer itself where there is one: it releases
+    the GIL while it encodes, whereas the transformers wrapper then holds it for ~0.6 s per 2 MB
+    building its BatchEncoding, which would stall the event loop from the worker thread."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    return backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+
 class _TokenText:
     """Token strings for logprobs, cached: decoding one token is the same every time."""
 
@@ -227,6 +249,82 @@ def _chat_logprobs(text: _TokenText, lps: list[TokenLogprob]) -> p.ChatLogprobs:
     return p.ChatLogprobs(content=content)
 
 
+# The upload body is parsed by hand (bounded streaming), so FastAPI cannot describe it; clients and
+# schema fuzzers read it from here.
+_UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object",
+    "required": ["name", "config", "weights"],
+    "properties": {
+        "name": {"type": "string", "description": "adapter name: [A-Za-z0-9._-], at most 64 characters"},
+        "config": {"type": "string", "format": "binary", "description": "adapter_config.json"},
+        "weights": {"type": "string", "format": "binary", "description": "adapter_model.safetensors"},
+        "replace": {"type": "string", "description": "true: overwrite an adapter of that name"},
+    },
+}}}}}
+
+
+# -- graceful stop ------------------------------------------------------------------------------
+
+
+class Drain:
+    """Graceful stop. Its gate (`_DrainGate`) counts the requests in flight and, once `run` began,
+    answers every new one but /health and /metrics with 503 (OpenAI format, `Connection: close`);
+    `run` waits for the in-flight requests up to a deadline, then ends the rest with an error
+    (a 503 body, or an SSE error event and [DONE] for a stream) and waits for those answers to go
+    out."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.inflight = 0
+        self._hurry = asyncio.Event()
+
+    async def gate(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in _ALWAYS_OPEN:
+            await app(scope, receive, send)
+            return
+        if self.engine.draining:
+            body = error_body(503, self.engine.not_ready_reason())
+            await JSONResponse(body, 503, headers={"Connection": "close"})(scope, receive, send)
+            return
+        self.inflight += 1
+        try:
+            await app(scope, receive, send)
+        finally:
+            self.inflight -= 1
+
+    def hurry(self) -> None:
+        """Stop waiting for the in-flight requests (a second signal)."""
+        self._hurry.set()
+
+    async def run(self, timeout: float) -> None:
+        self.engine.begin_drain()
+        logger.info("draining: %d request(s) in flight, up to %.1f s", self.inflight, timeout)
+        await self._wait_idle(timeout)
+        if self.inflight:
+            ended = await self.engine.end_requests(
+                f"the server is shutting down; the request did not finish in the drain time ({timeout:g} s)")
+            logger.warning("drain time over: ended %d engine request(s) of %d HTTP request(s)",
+                           ended, self.inflight)
+            self._hurry.clear()
+            await self._wait_idle(_END_GRACE_S)
+        logger.info("drained")
+
+    async def _wait_idle(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.inflight and not self._hurry.is_set() and time.monotonic() < deadline:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), 0.05)
+
+
+class _DrainGate:
+    def __init__(self, app: ASGIApp, drain: Drain) -> None:
+        self.app = app
+        self.drain = drain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.drain.gate(self.app, scope, receive, send)
+
+
 # -- the app ------------------------------------------------------------------------------------
 
 
@@ -236,8 +334,11 @@ def create_app(
     admin_key: str | None = None,
     on_fatal: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """The FastAPI app. Its lifespan starts the engine thread (if not started) and stops it."""
+    """The FastAPI app. Its lifespan starts the engine thread (if not started) and stops it;
+    `app.state.drain` is its graceful stop (see `Drain`)."""
     metrics = ServerMetrics()
+    drain = Drain(engine)
+    tokenize_pool = ThreadPoolExecutor(_TOKENIZE_THREADS, thread_name_prefix="slserve-tokenize")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -248,6 +349,7 @@ def create_app(
             yield
         finally:
             watch.cancel()
+            tokenize_pool.shutdown(wait=False, cancel_futures=True)
             await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
 
     async def _watch_startup() -> None:
@@ -259,8 +361,10 @@ def create_app(
     app = FastAPI(title="slserve", version="0.1.0", lifespan=lifespan)
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.drain = drain
     install_error_handlers(app)
-    app.add_middleware(RequestCounter, metrics=metrics)
+    app.add_middleware(_DrainGate, drain=drain)
+    app.add_middleware(RequestCounter, metrics=metrics)  # outermost: counts the drain's 503s too
     user, admin = _auth_dependencies(api_key, admin_key)
     cfg = engine.config
 
@@ -272,8 +376,35 @@ def create_app(
             return None
         return model
 
-    def tokenize(prompt: str | list[int]) -> list[int]:
-        return engine.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+    async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU-heavy work (tokenizing megabytes) on the tokenizer pool (see `_encode`)."""
+        return await asyncio.get_running_loop().run_in_executor(tokenize_pool, fn, *args)
+
+    def tokenize_all(prompts: list[str | list[int]]) -> list[list[int]]:
+        tokenizer = engine.engine.tokenizer
+        return [_encode(tokenizer, x) if isinstance(x, str) else x for x in prompts]
+
+    def chat_ids(messages: list[dict]) -> list[int]:
+        tokenizer = engine.engine.tokenizer
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except APIError:
+            raise
+        except Exception as e:  # a template that rejects the conversation (roles, order)
+            raise APIError(400, f"the chat template failed: {e}", "messages") from None
+        return _encode(tokenizer, text, add_special_tokens=False)
+
+    def check_length(num_prompt_tokens: int, max_tokens: int) -> None:
+        """The engine's context-length check, done here so that a prompt of a million tokens is
+        refused at once instead of being copied and scanned on the engine thread (seconds of GIL
+        there, which stall the event loop too)."""
+        max_model_len = engine.engine.max_model_len
+        if num_prompt_tokens + max_tokens > max_model_len:
+            raise APIError(
+                400, f"This model's maximum context length is {max_model_len} tokens. However, you "
+                f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, "
+                f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+                "max_tokens" if num_prompt_tokens < max_model_len else "prompt")
 
     # -- ops --------------------------------------------------------------------------------------
     @app.get("/health")
@@ -291,7 +422,7 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        stats = await engine.stats() if engine.ready else None
+        stats = await engine.stats() if engine.running else None
         return Response(metrics.render(stats), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # -- models -----------------------------------------------------------------------------------
@@ -311,7 +442,7 @@ def create_app(
         t0 = time.perf_counter()
         body.check()
         adapter = adapter_of(body.model)
-        prompts = [tokenize(x) for x in body.prompts()]
+        prompts = await off_loop(tokenize_all, body.prompts())
         max_model_len = engine.engine.max_model_len
         rid = f"cmpl-{uuid.uuid4().hex}"
         items = []
@@ -319,6 +450,7 @@ def create_app(
             max_tokens = body.max_tokens if body.max_tokens is not None else max(1, max_model_len - len(ids))
             for j, params in enumerate(body.sampling_params(max_tokens, body.logprobs)):
                 items.append(GenerateItem(f"{rid}-{i}-{j}", ids, params, adapter))
+            check_length(len(ids), max_tokens)
         model = body.model or base_name()
         stream = await engine.submit(items)
         timers = [TokenTimer(metrics, t0) for _ in items]
@@ -395,14 +527,7 @@ def create_app(
         body.check()
         adapter = adapter_of(body.model)
         tokenizer = engine.engine.tokenizer
-        try:
-            text = tokenizer.apply_chat_template([m.for_template() for m in body.messages], tokenize=False,
-                                                 add_generation_prompt=True)
-        except APIError:
-            raise
-        except Exception as e:  # a template that rejects the conversation (roles, order)
-            raise APIError(400, f"the chat template failed: {e}", "messages") from None
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        ids = await off_loop(chat_ids, [m.for_template() for m in body.messages])
         max_model_len = engine.engine.max_model_len
         max_tokens = body.requested_max_tokens()
         if max_tokens is None:
@@ -413,6 +538,7 @@ def create_app(
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         items = [GenerateItem(f"{rid}-{j}", ids, params, adapter)
                  for j, params in enumerate(body.sampling_params(max_tokens, body.engine_logprobs))]
+        check_length(len(ids), max_tokens)
         model = body.model or base_name()
         stream = await engine.submit(items)
         timers = [TokenTimer(metrics, t0) for _ in items]
@@ -499,7 +625,7 @@ def create_app(
     def too_large() -> APIError:
         return APIError(413, f"the upload is larger than the server's limit of {cfg.max_upload_bytes} bytes")
 
-    @app.post("/v1/adapters", status_code=201, dependencies=[admin])
+    @app.post("/v1/adapters", status_code=201, dependencies=[admin], openapi_extra=_UPLOAD_SCHEMA)
     async def upload_adapter(request: Request, replace: bool = Query(False)) -> p.AdapterCard:
         limit = cfg.max_upload_bytes + _MULTIPART_SLACK
         length = request.headers.get("content-length")
@@ -553,6 +679,43 @@ def create_app(
     return app
 
 
+class _GracefulServer(uvicorn.Server):
+    """uvicorn, except that SIGTERM and SIGINT drain (`Drain.run`) before the usual shutdown, and
+    the process then exits 0 instead of re-raising the signal. A second signal cuts the wait."""
+
+    def __init__(self, config: uvicorn.Config, drain: Drain, drain_timeout: float) -> None:
+        super().__init__(config)
+        self._drain = drain
+        self._drain_timeout = drain_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining: asyncio.Task | None = None
+
+    async def serve(self, sockets: list | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # A signal handler: it may interrupt the loop anywhere, so it only schedules.
+        if self._loop is None or self._loop.is_closed():
+            self.should_exit = True
+            return
+        self._loop.call_soon_threadsafe(self._on_signal, sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if self._draining is not None:
+            logger.warning("signal %d again: ending the requests in flight now", sig)
+            self._drain.hurry()
+            return
+        logger.info("signal %d: draining for up to %g s", sig, self._drain_timeout)
+        self._draining = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self._drain.run(self._drain_timeout)
+        finally:
+            self.should_exit = True
+
+
 def run_server(
     config: EngineConfig,
     host: str = "127.0.0.1",
@@ -561,8 +724,9 @@ def run_server(
     admin_key: str | None = None,
     log_level: str = "info",
 ) -> None:
-    """Serve until interrupted. The port opens at once; /health is 503 until the model is loaded.
-    Exits with status 1 if the engine cannot be built."""
+    """Serve until SIGTERM or SIGINT, then drain for up to config.drain_timeout seconds and return.
+    The port opens at once; /health is 503 until the model is loaded. Exits with status 1 if the
+    engine cannot be built."""
     engine = AsyncEngine(config)
     server: uvicorn.Server | None = None
 
@@ -574,8 +738,10 @@ def run_server(
 
     engine.on_fatal = on_fatal
     app = create_app(engine, api_key=api_key, admin_key=admin_key, on_fatal=on_fatal)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
-                                           timeout_graceful_shutdown=5))
+    # The drain already waited for the requests; uvicorn's own grace only covers a stuck client.
+    server = _GracefulServer(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
+                                            timeout_graceful_shutdown=5),
+                             app.state.drain, config.drain_timeout)
     server.run()
     if engine.error is not None or engine.fatal is not None:
         raise SystemExit(1)
