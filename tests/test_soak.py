@@ -110,6 +110,7 @@ class Churn:
     """Per churn adapter, the intervals during which it was absent (deleted, not yet re-uploaded)."""
 
     absent: dict[str, list[list[float]]] = field(default_factory=dict)
+    present: set[str] = field(default_factory=set)  # on the server now (none before its first upload)
     ops: Counter = field(default_factory=Counter)
 
     def overlaps_absence(self, name: str, t0: float, t1: float) -> bool:
@@ -226,7 +227,7 @@ async def _upload(client: httpx.AsyncClient, name: str, src: Path, replace: bool
 async def _churn(client, rng: random.Random, names: list[str], uploads: list[Path], churn: Churn,
                  stop: asyncio.Event, failures: list[str]) -> None:
     """Upload, replace and delete the churn adapters until the load ends."""
-    present: set[str] = set()  # none exists before its first upload
+    present = churn.present
     while not stop.is_set():
         name = rng.choice(names)
         if name in present:
