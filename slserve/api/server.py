@@ -755,8 +755,8 @@ FATAL_EXIT_GRACE_S = 2.0
 
 def _exit_soon(delay: float) -> None:
     def hard_exit() -> None:
-        logger.critical("the engine died: exiting with status 1")
-        logging.shutdown()
+        # Raw write and _exit: no lock (a logging handler's, an executor's join at exit) may stop it.
+        os.write(2, b"slserve: the engine died; exiting with status 1\n")
         os._exit(1)
 
     timer = threading.Timer(delay, hard_exit)
