@@ -195,13 +195,14 @@ def _finish_error(out: StepOutput) -> APIError | None:
 
 
 def _encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
-    """tokenizer.encode(text), through the Rust tokenizer itself where there is one: it releases
-    the GIL while it encodes, whereas the transformers wrapper then holds it for ~0.6 s per 2 MB
-    building its BatchEncoding, which would stall the event loop from the worker thread."""
+    """tokenizer.encode(text), through the Rust tokenizer itself where there is one. Its
+    `encode_batch` releases the GIL while it encodes; its single `encode` was seen holding it for
+    the whole encode inside the server (4 s for 2 MB, with /health waiting as long), and the
+    transformers wrapper holds it for ~0.6 s per 2 MB building its BatchEncoding."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return tokenizer.encode(text, add_special_tokens=add_special_tokens)
-    return backend.encode(text, add_special_tokens=add_special_tokens).ids
+    return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
 
 class _TokenText:
