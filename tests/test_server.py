@@ -245,10 +245,12 @@ class FakeEngine:
     model_name = "fake"
     max_model_len = 64
     tokenizer = None
+    last_step_error = None
 
     def __init__(self) -> None:
         self.requests: dict[str, Request] = {}
         self.aborted: list[str] = []
+        self.counters = {"failed_steps": 0}
 
     def add_request(self, prompt, params, adapter=None, request_id=None) -> Request:
         req = Request(request_id, list(prompt), params, adapter)
@@ -332,7 +334,7 @@ def test_app_reports_503_until_the_engine_is_built():
             if client.get("/health").status_code == 200:
                 break
             time.sleep(0.01)
-        assert client.get("/health").json() == {"status": "ok"}
+        assert client.get("/health").json() == {"status": "ok", "failed_steps": 0}
 
 
 # -- OpenAI routes against the offline API -----------------------------------------------------------
@@ -341,7 +343,7 @@ def test_app_reports_503_until_the_engine_is_built():
 def test_health_was_503_while_loading(server):
     assert server.health_codes[-1] == 200
     assert 503 in server.health_codes, server.health_codes
-    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok", "failed_steps": 0}
 
 
 @pytest.mark.parametrize("model", [BASE, "ad1"])
