@@ -23,6 +23,21 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
+def cpu_march() -> str:
+    """SLSERVE_CPU_MARCH: the -march target of the C++ CPU helpers (default native)."""
+    return os.environ.get("SLSERVE_CPU_MARCH", "").strip() or "native"
+
+
+def cpu_ext_disabled() -> bool:
+    """SLSERVE_NO_CPU_EXT=1: never build or load the C++ CPU helpers (the pure torch path)."""
+    return os.environ.get("SLSERVE_NO_CPU_EXT", "").strip().lower() in ("1", "true", "yes")
+
+
+def cxx_compiler() -> str:
+    """The C++ compiler torch's extension builder uses (CXX), part of the helpers' build key."""
+    return os.environ.get("CXX", "c++")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape of a Llama-family decoder, read from a Hugging Face config.json."""

@@ -39,7 +39,8 @@ def _find_lone_surrogate(value: Any, path: str) -> str | None:
                 return found
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            if (found := _find_lone_surrogate(v, f"{path}.{i}")) is not None:
+            # Token-id prompts are long lists of ints: skip those without a call each.
+            if isinstance(v, str | dict | list) and (found := _find_lone_surrogate(v, f"{path}.{i}")):
                 return found
     return None
 

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import platform
 import re
 from functools import cache
 from pathlib import Path
 
 import torch
+
+from slserve.config import cpu_ext_disabled, cpu_march, cxx_compiler
 
 logger = logging.getLogger(__name__)
 
@@ -37,16 +38,6 @@ SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
 
 # /proc/cpuinfo flags that change what the compiler may emit for -march=native (x86 and Arm).
 _ISA_FLAG = re.compile(r"^(avx|amx|sse|ssse|fma|f16c|bmi|vnni|asimd|sve|sha|aes|fp16|bf16|i8mm)")
-
-
-def march() -> str:
-    """The -march target of the C++ helpers: SLSERVE_CPU_MARCH, else native."""
-    return os.environ.get("SLSERVE_CPU_MARCH", "").strip() or "native"
-
-
-def cpu_ext_disabled() -> bool:
-    """SLSERVE_NO_CPU_EXT=1: never build or load the C++ helpers (the pure torch path)."""
-    return os.environ.get("SLSERVE_NO_CPU_EXT", "").strip().lower() in ("1", "true", "yes")
 
 
 def cpu_isa() -> str:
@@ -69,7 +60,7 @@ def build_flags(target: str) -> list[str]:
 
 def extension_name(cflags: list[str]) -> str:
     """slserve_cpu_<hash of compiler, flags and, for native builds, this CPU's ISA flags>."""
-    key = [os.environ.get("CXX", "c++"), *cflags]
+    key = [cxx_compiler(), *cflags]
     if any(f == "-march=native" for f in cflags):
         key.append(cpu_isa())
     return "slserve_cpu_" + hashlib.sha256("\n".join(key).encode()).hexdigest()[:12]
@@ -84,7 +75,7 @@ def cpu_ops():
     try:
         from torch.utils.cpp_extension import load
 
-        cflags = build_flags(march())
+        cflags = build_flags(cpu_march())
         load(name=extension_name(cflags), sources=[str(s) for s in SOURCES], is_python_module=False,
              extra_cflags=cflags, verbose=False)
         return torch.ops.slserve
