@@ -14,7 +14,8 @@ MIB = 1 << 20
 def _engine_args(p: argparse.ArgumentParser) -> None:
     d = EngineConfig()
     p.add_argument("--model", default=None, help="local HF model directory (default: embedded SmolLM2-135M)")
-    p.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+                   help="auto: bfloat16 on GPUs and CPUs with native bfloat16 matmuls, else float32")
     p.add_argument("--device", default=d.device)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--pool-mib", type=int, default=d.pool_bytes // MIB, help="unified KV + adapter pool")

@@ -38,6 +38,20 @@ def cxx_compiler() -> str:
     return os.environ.get("CXX", "c++")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matmuls natively (oneDNN packs bfloat16 only with AVX512
+    BW/VL/DQ or AVX-NE-CONVERT); elsewhere a bfloat16 matmul is emulated and several times slower
+    than a float32 one."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def auto_dtype(device: str) -> str:
+    """dtype "auto": bfloat16 on GPUs and on CPUs that compute it natively, float32 elsewhere."""
+    if torch.device(device).type == "cpu" and not cpu_has_native_bf16():
+        return "float32"
+    return "bfloat16"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape of a Llama-family decoder, read from a Hugging Face config.json."""
@@ -85,7 +99,7 @@ class EngineConfig:
     """Everything the engine needs; `LLM(...)` and `slserve serve` build one of these."""
 
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # bfloat16 | float32 | float16 | auto (see auto_dtype)
     device: str = "cpu"
     seed: int = 0
     # The unified pool: KV pages and adapter pages share it.
@@ -110,6 +124,8 @@ class EngineConfig:
     drain_timeout: float = 30.0
 
     def __post_init__(self) -> None:
+        if self.dtype == "auto":
+            object.__setattr__(self, "dtype", auto_dtype(self.device))
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.page_tokens < 1:

@@ -14,11 +14,11 @@ from slserve.sampling_params import SamplingParams
 class LLM:
     """One base model plus any number of LoRA adapters, run to completion in-process.
 
-    LLM(model=None, dtype="bfloat16", device="cpu", **engine_options): model None is the
+    LLM(model=None, dtype="auto", device="cpu", **engine_options): model None is the
     embedded SmolLM2-135M-Instruct; any EngineConfig field may be passed by name.
     """
 
-    def __init__(self, model: str | None = None, dtype: str = "bfloat16", device: str = "cpu", **kwargs):
+    def __init__(self, model: str | None = None, dtype: str = "auto", device: str = "cpu", **kwargs):
         self.engine = Engine(EngineConfig(model=model, dtype=dtype, device=device, **kwargs))
 
     @property

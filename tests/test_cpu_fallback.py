@@ -127,3 +127,17 @@ def test_bfloat16_matmul_runs_on_any_cpu():
     x = torch.randn(5, 64, generator=g).bfloat16()
     want = x.double() @ w.double().T + b.double()
     torch.testing.assert_close(dense(w, b)(x).double(), want, atol=0.1, rtol=2e-2)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_follows_the_cpu(monkeypatch, native):
+    """The default dtype is bfloat16 only where the CPU computes it natively: on an AVX2-only CPU
+    an emulated bfloat16 matmul is several times slower than float32. GPUs always get bfloat16,
+    and an explicit dtype is kept as given."""
+    from slserve import config
+
+    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: native)
+    assert config.EngineConfig().dtype == ("bfloat16" if native else "float32")
+    assert config.EngineConfig(device="cuda").dtype == "bfloat16"
+    assert config.EngineConfig(dtype="bfloat16").dtype == "bfloat16"
+    assert config.EngineConfig(dtype="float32").torch_dtype is torch.float32

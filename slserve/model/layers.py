@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slserve.config import cpu_has_native_bf16
+
 
 class LoRAHook(Protocol):
     """What a step's batched-LoRA state offers to the linear layers (see slserve/lora_batch.py)."""
@@ -21,8 +23,7 @@ def dense(weight: torch.Tensor, bias: torch.Tensor | None = None):
     layout: an unpacked bfloat16 matmul re-lays the weight out on every call, which at decode
     batch sizes costs as much as the arithmetic. oneDNN packs bfloat16 only on CPUs with AVX512
     (BW/VL/DQ) or AVX-NE-CONVERT; elsewhere the plain matmul is the one that works."""
-    on_cpu = weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
-    if on_cpu and weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and cpu_has_native_bf16():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return lambda x: F.linear(x, weight, bias)
