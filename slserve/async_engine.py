@@ -159,14 +159,11 @@ class AsyncEngine:
         err = EngineNotReady(reason)
 
         def end_all(engine: Engine) -> int:  # on the engine thread, between two steps
-            queues = {id(q): q for q in self._queues.values()}
-            ended = list(self._queues)
-            self._queues.clear()
+            ended = self._fail_streams(err)
             for rid in ended:
                 engine.abort(rid)
             self._discount(len(self._unadmitted))
             self._unadmitted.clear()
-            self._post([(q, err) for q in queues.values()])
             return len(ended)
 
         return await self.call(end_all)
@@ -385,12 +382,19 @@ class AsyncEngine:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 self._loop.call_soon_threadsafe(_deliver, posts)
 
+    def _fail_streams(self, err: EngineNotReady) -> list[str]:
+        """Send `err` to every open stream (once per stream) and forget their requests; returns the
+        ids of those requests."""
+        ended = list(self._queues)
+        self._post([(q, err) for q in {id(q): q for q in self._queues.values()}.values()])
+        self._queues.clear()
+        return ended
+
     def _fail_all(self, exc: BaseException) -> None:
         """Tell every open stream and every queued command that no result will come."""
         err = exc if isinstance(exc, EngineNotReady) else EngineNotReady(
             f"the engine stopped: {type(exc).__name__}: {exc}")
-        self._post([(q, err) for q in {id(q): q for q in self._queues.values()}.values()])
-        self._queues.clear()
+        self._fail_streams(err)
         while True:
             try:
                 cmd = self._commands.get_nowait()

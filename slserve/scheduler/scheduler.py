@@ -78,8 +78,7 @@ class Scheduler:
                 continue
             victim = self.running[-1]
             if victim is req and len(self.running) == 1:
-                held = req.device_adapter.num_pages if req.device_adapter is not None else 0
-                self._fail(req, self._too_large(req, self.kv.pages_for(num_tokens) + held), 400, out)
+                self._fail(req, self._too_large(req, self.kv.pages_for(num_tokens)), 400, out)
                 return False
             self._preempt(victim)
             out.preempted.append(victim)
@@ -104,7 +103,7 @@ class Scheduler:
                     # Nothing runs, so nothing is pinned: not even an empty pool holds both.
                     if not self.running:
                         self.waiting.popleft()
-                        self._fail(req, self._too_large(req, pages + self._adapter_pages(req)), 400, out)
+                        self._fail(req, self._too_large(req, pages), 400, out)
                         continue
                     break
                 req.device_adapter = dev
@@ -115,8 +114,7 @@ class Scheduler:
             if pages > self.kv.pool.num_free:
                 if not self.running:
                     self.waiting.popleft()
-                    held = req.device_adapter.num_pages if req.device_adapter is not None else 0
-                    self._fail(req, self._too_large(req, pages + held), 400, out)
+                    self._fail(req, self._too_large(req, pages), 400, out)
                     continue
                 self._release(req)  # only running requests pin adapters
                 break
@@ -127,12 +125,18 @@ class Scheduler:
             out.scheduled.append((req, n))
             budget -= n
 
-    def _too_large(self, req: Request, pages: int) -> str:
+    def _too_large(self, req: Request, kv_pages: int) -> str:
+        """The message for a request that cannot fit even in an otherwise empty pool."""
         what = "the prompt" if req.adapter is None else f"the prompt and its adapter {req.adapter!r}"
+        pages = kv_pages + self._adapter_pages(req)
         return (f"{what} do not fit in the KV pool ({pages} pages needed, {self.kv.pool.num_pages} in "
                 f"the pool); use a shorter prompt or a smaller adapter")
 
     def _adapter_pages(self, req: Request) -> int:
+        if req.adapter is None:
+            return 0
+        if req.device_adapter is not None:
+            return req.device_adapter.num_pages
         version = req.adapter_version
         try:
             adapter = version.adapter if version is not None else self.adapters.get_host(req.adapter)
