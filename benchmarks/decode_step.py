@@ -78,9 +78,9 @@ def main() -> None:
     finally:
         LoRABatch.apply = apply
     distinct = {id(r.device_adapter): r.device_adapter for r in reqs if r.device_adapter is not None}
-    pool = engine.pool
-    lora_bytes = sum(d.num_pages for d in distinct.values()) * pool.page_elems * pool.data.element_size()
-    span = pool.flat[: lora_bytes // pool.data.element_size()]
+    pool, flat = engine.pool, engine.runner.flat
+    lora_bytes = sum(d.num_pages for d in distinct.values()) * pool.page_elems * pool.itemsize
+    span = flat[: lora_bytes // pool.itemsize]
     sum_times = []
     for _ in range(4):
         t0 = time.perf_counter()

@@ -276,6 +276,8 @@ class AsyncEngine:
         self._ready.set()
         self._done.set()
         engine = self._engine
+        if engine.workers is not None:  # a worker lost while idle wakes the loop, which then dies
+            engine.workers.on_failure = lambda exc: self._commands.put(("fatal", exc))
         logger.info("engine ready: %s", engine.model_name)
         stepped = False  # since the engine was last idle
         try:
@@ -288,6 +290,9 @@ class AsyncEngine:
                 with contextlib.suppress(queue.Empty):
                     while True:
                         commands.append(self._commands.get_nowait())
+                fatal = next((c[1] for c in commands if c[0] == "fatal"), None)
+                if fatal is not None:
+                    raise fatal
                 if _STOP in commands:
                     self._fail_all(EngineNotReady("the server is shutting down"))
                     break

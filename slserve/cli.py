@@ -30,7 +30,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preload-adapters", action="store_true",
                    help="parse adapters into host RAM at start-up, as many as the host cache holds")
     p.add_argument("--max-upload-mib", type=int, default=d.max_upload_bytes // MIB)
-    p.add_argument("--tp", type=int, default=d.tp)
+    p.add_argument("--tp", type=int, default=d.tp,
+                   help="tensor-parallel ranks (worker processes on this machine)")
+    p.add_argument("--tp-timeout", type=float, default=d.tp_timeout, metavar="SECONDS",
+                   help="a tensor-parallel step that takes longer means a hung worker: the server stops")
     p.add_argument("--kernel-backend", default=d.kernel_backend, choices=["auto", "torch", "triton"])
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
 
@@ -42,7 +45,8 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
         max_queue=a.max_queue, adapter_dir=a.adapter_dir, max_lora_rank=a.max_lora_rank,
         host_cache_bytes=a.host_cache_mib * MIB, preload_adapters=a.preload_adapters,
-        max_upload_bytes=a.max_upload_mib * MIB, tp=a.tp, kernel_backend=a.kernel_backend, threads=a.threads,
+        max_upload_bytes=a.max_upload_mib * MIB, tp=a.tp, tp_timeout=a.tp_timeout,
+        kernel_backend=a.kernel_backend, threads=a.threads,
         drain_timeout=getattr(a, "drain_timeout", EngineConfig.drain_timeout),  # `serve` only
     )
 

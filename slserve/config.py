@@ -116,7 +116,8 @@ class EngineConfig:
     host_cache_bytes: int = 4 << 30
     preload_adapters: bool = False  # parse adapters into host RAM at start-up, while they fit
     max_upload_bytes: int = 512 << 20
-    tp: int = 1
+    tp: int = 1  # tensor-parallel ranks: worker processes started by slserve (tp.py)
+    tp_timeout: float = 60.0  # a tensor-parallel step that takes longer means a hung worker
     kernel_backend: str = "auto"  # auto | torch | triton
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     cpu_extension: bool = True  # the C++ LoRA loop on CPUs (falls back to Python if it cannot build)
@@ -142,6 +143,8 @@ class EngineConfig:
             raise ValueError("threads must be >= 1")
         if self.tp < 1:
             raise ValueError("tp must be >= 1")
+        if not 0 < self.tp_timeout < float("inf"):
+            raise ValueError("tp_timeout must be a positive number of seconds")
         if not 0 <= self.drain_timeout < float("inf"):
             raise ValueError("drain_timeout must be a finite number of seconds >= 0")
         if self.kernel_backend not in ("auto", "torch", "triton"):

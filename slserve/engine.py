@@ -1,9 +1,13 @@
-"""The engine: requests in, one scheduled forward per step, tokens out.
+"""The engine on rank 0: requests in, one planned forward per step, tokens out.
 
-    add_request -> Scheduler.schedule -> build_batch -> LlamaModel.forward -> Sampler
-                -> append tokens, detokenize, check stops -> StepOutput per request
+    add_request -> Scheduler.schedule -> build_plan -> ModelRunner.execute (every rank)
+                -> Sampler (rank 0) -> Scheduler.append_token -> OutputProcessor -> StepOutput
 
-Single-threaded by design; the HTTP server drives it from one engine thread (async_engine.py).
+Rank 0 keeps every decision and no model tensor of its own making: the scheduler, the page
+allocator and the adapter residency books. The model runners (runner.py) hold the weights and
+the pool storage; with tensor parallelism ranks 1..N-1 are worker processes (tp.py), with one
+rank the runner is called in process. Single-threaded by design; the HTTP server drives it from
+one engine thread (async_engine.py).
 """
 
 from __future__ import annotations
@@ -13,32 +17,23 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from slserve.adapters.peft_format import AdapterError
-from slserve.batch import build_batch
 from slserve.config import EngineConfig
-from slserve.kernels import attention_backend, resolve_backend
-from slserve.kernels.cpu_ext import layer_ops, lora_apply_op
-from slserve.lora_batch import LoRABatch, TritonLoRABatch
-from slserve.memory.adapter_pages import DeviceAdapterCache, group_columns
+from slserve.memory.adapter_pages import DeviceAdapterCache
 from slserve.memory.adapter_store import AdapterNotFoundError, AdapterStore
-from slserve.memory.kv_cache import KVCache, kv_page_elems
+from slserve.memory.kv_cache import KVBlocks, kv_page_elems
 from slserve.memory.pool import Owner, PagePool
-from slserve.model.llama import LlamaModel
-from slserve.model.loader import (
-    load_model_config,
-    load_state_dict,
-    load_tokenizer,
-    model_id,
-    resolve_model,
-)
-from slserve.model.ops import TorchOps
+from slserve.model.loader import load_model_config, load_tokenizer, model_id, resolve_model
+from slserve.output_processor import OutputProcessor
 from slserve.outputs import StepOutput
-from slserve.request import Request, Status
+from slserve.parallel import Shard, check_tp
+from slserve.plan import AdapterLoad, StepPlan, build_plan
+from slserve.request import Request
+from slserve.runner import ModelRunner, runner_device
 from slserve.sampling import Sampler
 from slserve.sampling_params import SamplingParams
 from slserve.scheduler.scheduler import Scheduler
+from slserve.tp import TPWorkers, WorkerFailure
 
 logger = logging.getLogger(__name__)
 
@@ -54,39 +49,47 @@ class RequestError(ValueError):
 
 class Engine:
     def __init__(self, config: EngineConfig):
+        import torch
+
         self.config = config
-        if config.tp != 1:
-            raise NotImplementedError("tensor parallelism (--tp > 1) is not available yet")
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.device = torch.device(config.device)
-        self.backend = resolve_backend(config.kernel_backend, self.device)
         path = resolve_model(config.model)
         self.model_path: Path = path
         self.model_name = model_id(config.model)
         self.model_config = cfg = load_model_config(path)
+        check_tp(cfg, config.tp)
+        self.shard = shard = Shard(0, config.tp)
+        self.device = runner_device(config, shard)
         self.tokenizer = load_tokenizer(path)
-        dtype = config.torch_dtype
+        local = shard.local_config(cfg)
 
-        page_elems = kv_page_elems(cfg, config.page_tokens)
-        num_pages = config.pool_bytes // (page_elems * dtype.itemsize)
+        page_elems = kv_page_elems(local, config.page_tokens)
+        itemsize = config.torch_dtype.itemsize
+        num_pages = config.pool_bytes // (page_elems * itemsize)
         if num_pages < 2:
             raise ValueError(f"pool_bytes={config.pool_bytes} holds fewer than two pages of {page_elems}")
-        self.pool = PagePool(num_pages, page_elems, dtype, self.device)
-        self.kv = KVCache(self.pool, cfg, config.page_tokens)
+        self.pool = PagePool(num_pages, page_elems, itemsize)
+        self.blocks = KVBlocks(self.pool, config.page_tokens)
         capacity = num_pages * config.page_tokens
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
                                  cfg.max_position_embeddings, capacity)
 
         t0 = time.perf_counter()
-        state = load_state_dict(path, dtype)
-        use_cpu_ext = config.cpu_extension and self.device.type == "cpu"
-        ops = layer_ops() if use_cpu_ext else TorchOps()
-        self.model = LlamaModel(cfg, state, self.device, cfg.max_position_embeddings, ops)
-        del state
-        logger.info("loaded %s (%s) in %.1fs; pool: %d pages of %d tokens (%.2f GiB)", self.model_name,
-                    config.dtype, time.perf_counter() - t0, num_pages, config.page_tokens,
-                    num_pages * page_elems * dtype.itemsize / 2**30)
+        self.workers: TPWorkers | None = None
+        if shard.parallel:
+            self.workers = TPWorkers(config, path, cfg, num_pages, self.device)
+        try:
+            self.runner = ModelRunner(config, path, cfg, shard, num_pages)
+            if self.workers is not None:
+                self.workers.wait_ready()
+        except BaseException:
+            if self.workers is not None:
+                self.workers.close()
+            raise
+        logger.info("loaded %s (%s, tp=%d) in %.1fs; pool: %d pages of %d tokens (%.2f GiB per rank)",
+                    self.model_name, config.dtype, config.tp, time.perf_counter() - t0, num_pages,
+                    config.page_tokens, num_pages * page_elems * itemsize / 2**30)
 
         self.store = AdapterStore(config.adapter_path, cfg, config.max_lora_rank, config.host_cache_bytes)
         if config.preload_adapters:
@@ -94,22 +97,21 @@ class Engine:
             n = self.store.preload()
             logger.info("preloaded %d of %d adapters into host RAM in %.1fs", n, len(self.store),
                         time.perf_counter() - t0)
-        self.adapter_cache = DeviceAdapterCache(self.pool, cfg, self.store.get)
-        self.scheduler = Scheduler(self.kv, self.adapter_cache, config.max_num_seqs,
+        self.adapter_cache = DeviceAdapterCache(self.pool, local, self.store.get,
+                                                shapes=shard.lora_shapes(cfg))
+        self.scheduler = Scheduler(self.blocks, self.adapter_cache, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self.sampler = Sampler(config.seed)
-        self.attention = attention_backend(self.backend, use_cpu_ext)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
-        self.eos_ids = set(cfg.eos_token_ids)
+        eos_ids = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
-            self.eos_ids.add(self.tokenizer.eos_token_id)
+            eos_ids.add(self.tokenizer.eos_token_id)
+        self.eos_ids = eos_ids
+        self.output_processor = OutputProcessor(self.tokenizer, eos_ids)
         self.counters = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0,
                          "failed_steps": 0}
         self.last_step_error: str | None = None  # "ExceptionType: message" of the last failed step
-        self._columns = group_columns(cfg)
-        self._lora_op = lora_apply_op() if use_cpu_ext else None
-        self._out_features = {m: s[1] for m, s in cfg.module_shapes().items()}
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(
@@ -150,17 +152,17 @@ class Engine:
             return None
         self.scheduler.finish(req)
         req.finish_reason = "abort"
-        return self._output(req, [], [])
+        return self.output_processor.output(req, [], [])
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
     # -- the step ----------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        """One step. A failure while building the batch, running the forward or sampling ends that
-        step's requests (finish_reason "error", error_status 500) and the engine goes on. Anything
-        raised from here (the scheduler's own books, or a pool found inconsistent after a failed
-        step) means the engine's state cannot be trusted any more."""
+        """One step. A failure while planning, running the forward or sampling ends that step's
+        requests (finish_reason "error", error_status 500) and the engine goes on. Anything raised
+        from here (the scheduler's own books, a pool found inconsistent after a failed step, a
+        tensor-parallel worker lost) means the engine's state cannot be trusted any more."""
         sched = self.scheduler.schedule()
         outputs = [self._finish(req, [], []) for req in sched.failed]
         self.counters["preemptions"] += len(sched.preempted)
@@ -170,10 +172,19 @@ class Engine:
         )
         if not sched.scheduled:
             return outputs
+        plan, sample = build_plan(sched.scheduled, self.config.page_tokens)
+        plan.adapter_commands = self.adapter_cache.take_commands()
         try:
-            sampled = self._run_batch(sched.scheduled)
+            logits = self._execute(plan)
+            self.scheduler.advance(sched.scheduled)
+            sampled = []
+            if sample:
+                tokens, logprobs = self.sampler(logits, sample)
+                sampled = zip(sample, tokens, logprobs, strict=True)
+        except WorkerFailure:  # the ranks may be out of step: nothing can be trusted
+            raise
         except Exception as exc:
-            outputs += self._fail_step([req for req, _ in sched.scheduled], exc)
+            outputs += self._fail_step([req for req, _ in sched.scheduled], exc, plan)
             return outputs
         now = time.monotonic()
         for req, token, lp in sampled:
@@ -183,21 +194,25 @@ class Engine:
                 outputs += self._fail_step([req], exc)
         return outputs
 
-    def _run_batch(self, scheduled: list[tuple[Request, int]]) -> list[tuple[Request, int, object]]:
-        """Forward the scheduled tokens; (request, token, logprob) for each request that samples."""
-        batch = build_batch(scheduled, self.config.page_tokens, self.device, self.backend, self._make_lora)
-        logits = self.model(batch, self.kv, self.attention)
+    def _execute(self, plan: StepPlan):
+        """Run the plan on every rank; the logits on rank 0."""
         self.counters["steps"] += 1
-        for req, n in scheduled:
-            req.num_computed += n
-        if not batch.sample_requests:
-            return []
-        tokens, logprobs = self.sampler(logits, batch.sample_requests)
-        return list(zip(batch.sample_requests, tokens, logprobs, strict=True))
+        if self.workers is None:
+            return self.runner.execute(plan)
+        self.workers.send(plan)
+        try:
+            return self.runner.execute(plan)
+        except Exception as exc:
+            self.workers.check()  # a worker's death is the cause worth reporting
+            raise WorkerFailure(f"a tensor-parallel step failed on rank 0: {exc!r}") from exc
+        finally:
+            self.workers.step_done()
 
-    def _fail_step(self, reqs: list[Request], exc: Exception) -> list[StepOutput]:
-        """End `reqs` with a 500 error and free what they hold, then check that the pool's books
-        still balance (PoolCorrupted otherwise)."""
+    def _fail_step(self, reqs: list[Request], exc: Exception,
+                   plan: StepPlan | None = None) -> list[StepOutput]:
+        """End `reqs` with a 500 error and free what they hold, forget the adapter copies the
+        failed plan may have left half written, then check that the pool's books still balance
+        (PoolCorrupted otherwise)."""
         what = f"{type(exc).__name__}: {exc}"
         logger.error("engine step failed for %d requests: %s", len(reqs), what, exc_info=exc)
         self.counters["failed_steps"] += 1
@@ -208,6 +223,9 @@ class Engine:
             req.error = f"the engine step failed ({what}); the request was ended"
             req.error_status = 500
             outputs.append(self._finish(req, [], []))
+        if plan is not None:
+            touched = {c.slot for c in plan.adapter_commands if isinstance(c, AdapterLoad)}
+            self.adapter_cache.discard(touched | {slot for _, _, slot in plan.segments})
         self.check_pool()
         return outputs
 
@@ -216,79 +234,18 @@ class Engine:
         owned = {Owner.KV: self.scheduler.kv_pages(), Owner.ADAPTER: self.adapter_cache.owned_pages()}
         self.pool.check(owned)
 
-    def _make_lora(self, segments):
-        if self.backend == "triton":
-            return TritonLoRABatch(segments, self.pool.flat, self._columns, self._out_features)
-        return LoRABatch(segments, self.pool.flat, self._lora_op)
-
     def _append(self, req: Request, token: int, lp, now: float) -> StepOutput:
-        req.token_ids.append(token)
-        if lp is not None:
-            req.logprobs.append(lp)
-        if req.first_token_time is None:
-            req.first_token_time = now
+        self.scheduler.append_token(req, token, lp, now)
         self.counters["generated_tokens"] += 1
-        params = req.params
-        self._detokenize(req)
-        if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
-            req.finish_reason = "stop"
-        elif params.stop and self._check_stop_strings(req):
-            req.finish_reason = "stop"
-        elif req.num_output_tokens >= params.max_tokens:
-            req.finish_reason = "length"
+        req.finish_reason = self.output_processor.finish_reason(req, token)
         if req.finish_reason is not None:
             return self._finish(req, [token], [lp] if lp is not None else [])
-        return self._output(req, [token], [lp] if lp is not None else [])
+        return self.output_processor.output(req, [token], [lp] if lp is not None else [])
 
     def _finish(self, req: Request, new_ids: list[int], new_lps) -> StepOutput:
         self.scheduler.finish(req)
         self.requests.pop(req.request_id, None)
-        return self._output(req, new_ids, new_lps)
-
-    def _output(self, req: Request, new_ids: list[int], new_lps) -> StepOutput:
-        finished = req.status is Status.FINISHED
-        # Hold back text that could still turn into a stop string.
-        hold = 0 if finished or not req.params.stop else max(len(s) for s in req.params.stop) - 1
-        end = max(req.emitted_text_len, len(req.text) - hold)
-        delta = req.text[req.emitted_text_len : end]
-        req.emitted_text_len = end
-        return StepOutput(
-            request_id=req.request_id,
-            new_token_ids=new_ids,
-            new_text=delta,
-            finished=finished,
-            finish_reason=req.finish_reason if finished else None,
-            num_prompt_tokens=req.num_prompt_tokens,
-            num_generated_tokens=req.num_output_tokens,
-            new_logprobs=list(new_lps),
-            error=req.error,
-            error_status=req.error_status,
-        )
-
-    def _detokenize(self, req: Request) -> None:
-        """Incremental detokenization: decode a short window so that multi-token characters and
-        leading spaces come out right without re-decoding the whole output every step."""
-        ids = req.token_ids
-        if ids[-1] in self.eos_ids and not req.params.ignore_eos:
-            return
-        decode = self.tokenizer.decode
-        prefix = decode(ids[req.prefix_offset : req.read_offset], skip_special_tokens=True)
-        full = decode(ids[req.prefix_offset :], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            req.text += full[len(prefix) :]
-            req.prefix_offset = req.read_offset
-            req.read_offset = len(ids)
-
-    def _check_stop_strings(self, req: Request) -> bool:
-        longest = max(len(s) for s in req.params.stop)
-        window_start = max(0, req.emitted_text_len - longest)
-        hits = [(req.text.find(s, window_start), s) for s in req.params.stop]
-        hits = [(i, s) for i, s in hits if i >= 0]
-        if not hits:
-            return False
-        i, s = min(hits)
-        req.text = req.text[: i + len(s)] if req.params.include_stop_str_in_output else req.text[:i]
-        return True
+        return self.output_processor.output(req, new_ids, new_lps)
 
     # -- adapters ----------------------------------------------------------------------------
     # The store is thread-safe; the server validates and writes uploads off the engine thread and
@@ -335,6 +292,10 @@ class Engine:
 
     def close(self) -> None:
         self.adapter_cache.close()
+        self.runner.close()
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
 
 
 __all__ = ["Engine", "RequestError", "AdapterError"]

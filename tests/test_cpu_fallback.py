@@ -90,8 +90,9 @@ prompts, max_tokens, adapter_dir = json.loads(sys.argv[1])
 llm = LLM(dtype="float32", pool_bytes=64 << 20, adapter_dir=adapter_dir)
 engine = llm.engine
 outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
-print(json.dumps({"cpu_ops": cpu_ops() is not None, "lora_op": engine._lora_op is not None,
-                  "layer_ops": type(engine.model.ops).__name__,
+runner = engine.runner
+print(json.dumps({"cpu_ops": cpu_ops() is not None, "lora_op": runner.backend.lora_op is not None,
+                  "layer_ops": type(runner.model.ops).__name__,
                   "tokens": [o.token_ids for o in outs]}))
 """
 

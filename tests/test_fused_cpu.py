@@ -11,7 +11,7 @@ import torch
 from slserve.config import ModelConfig
 from slserve.kernels.cpu_ext import cpu_ops
 from slserve.memory.kv_cache import KVCache, kv_page_elems
-from slserve.memory.pool import PagePool
+from slserve.memory.pool import allocate_storage
 from slserve.model.layers import RMSNorm, Rotary
 from slserve.model.ops import CpuOps, TorchOps
 
@@ -63,10 +63,11 @@ def test_rotary_and_cache_write(cpu, dtype, tokens, heads, kv_heads):
     slot_offsets = torch.arange(tokens) % P
     results = []
     for ops in (TorchOps(), cpu):
-        kv = KVCache(PagePool(16, kv_page_elems(cfg, P), dtype, "cpu"), cfg, P)
+        data = allocate_storage(16, kv_page_elems(cfg, P), dtype, "cpu")
+        kv = KVCache(data, cfg, P)
         index = kv.write_index(slot_pages, slot_offsets)
         q = ops.rotary_kv(qkv.clone(), cos, sin, (heads, kv_heads, D), kv, 1, index)
-        results.append((q.clone(), kv.pool.data.clone()))
+        results.append((q.clone(), data.clone()))
     (q_want, pool_want), (q_got, pool_got) = results
     _check(q_got, q_want, dtype)
     _check(pool_got, pool_want, dtype)

@@ -108,10 +108,10 @@ def test_smallest_sampling_temperature_picks_the_argmax():
 def _poison_free_pages(llm: LLM) -> int:
     """Fill every free page of the pool with NaN, as an adapter whose K/V overflowed would leave
     them after its request finished. Returns the number of pages poisoned."""
-    pool = llm.engine.pool
+    pool, storage = llm.engine.pool, llm.engine.runner.storage
     n = 0
     for start, count in pool.free_runs():
-        pool.data[start : start + count] = float("nan")
+        storage[start : start + count] = float("nan")
         n += count
     return n
 

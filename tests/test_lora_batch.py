@@ -16,8 +16,11 @@ from slserve.adapters.peft_format import LoRAAdapter, LoRAWeights
 from slserve.config import ModelConfig
 from slserve.kernels.cpu_ext import lora_apply_op
 from slserve.lora_batch import LoRABatch, TritonLoRABatch
-from slserve.memory.adapter_pages import GROUPS, DeviceAdapterCache, group_columns
+from slserve.memory.adapter_layout import GROUPS, group_columns, write_adapter
+from slserve.memory.adapter_pages import DeviceAdapterCache
 from slserve.memory.pool import PagePool
+from slserve.parallel import Shard
+from slserve.runner import rank_weights
 
 MODEL = ModelConfig(
     vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -72,38 +75,42 @@ TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def resident():
     """Four adapters resident in one float32 pool (NaN elsewhere), and segments with gaps."""
     host = {name: make_adapter(name, i) for i, name in enumerate(ADAPTERS)}
-    pool = PagePool(num_pages=64, page_elems=256, dtype=torch.float32, device="cpu")
-    pool.data.fill_(float("nan"))
+    pool = PagePool(num_pages=64, page_elems=256, itemsize=4)
+    flat = torch.full((64 * 256,), float("nan"))
     cache = DeviceAdapterCache(pool, MODEL, host.__getitem__)
     devs = [cache.acquire(name) for name in ADAPTERS]
+    for cmd in cache.take_commands():  # what a model runner does with the step's load commands
+        write_adapter(flat, cmd.layout, rank_weights(cmd.adapter, Shard().module_ranges(MODEL)))
     # Token rows: 1 and 3 and 2 and 4 tokens, with rows that use no adapter in between.
     segments, t = [], 0
     for dev, n in zip(devs, (1, 3, 2, 4), strict=True):
         t += 1
         segments.append((t, t + n, dev))
         t += n
-    yield pool, segments, t + 1
+    yield flat, segments, t + 1
     cache.close()
 
 
-def step_states(pool, segments):
-    states = {"torch": LoRABatch(segments, pool.flat)}
+def step_states(flat, segments):
+    bounds = [(s0, s1) for s0, s1, _ in segments]
+    tables = [dev.layout.table() for _, _, dev in segments]
+    states = {"torch": LoRABatch(bounds, tables, flat)}
     if lora_apply_op() is not None:
-        states["cpp"] = LoRABatch(segments, pool.flat, lora_apply_op())
+        states["cpp"] = LoRABatch(bounds, tables, flat, lora_apply_op())
     columns, shapes = group_columns(MODEL), MODEL.module_shapes()
     # On a GPU the Triton state reads a device copy of the pool (same offsets); elsewhere the
     # interpreter reads the CPU pool itself.
-    flat = pool.flat.to(TRITON_DEVICE)
-    states["triton"] = TritonLoRABatch(segments, flat, columns, {m: o for m, (_, o) in shapes.items()})
+    states["triton"] = TritonLoRABatch(bounds, tables, flat.to(TRITON_DEVICE), columns,
+                                       {m: o for m, (_, o) in shapes.items()})
     return states
 
 
 @pytest.mark.parametrize("group", list(GROUPS))
 def test_step_state_matches_host_weights(resident, group):
-    pool, segments, T = resident
+    flat, segments, T = resident
     n_in = MODEL.module_shapes()[GROUPS[group][0]][0]
     g = torch.Generator().manual_seed(1)
-    for name, state in step_states(pool, segments).items():
+    for name, state in step_states(flat, segments).items():
         for layer in range(MODEL.num_layers):
             x = torch.randn(T, n_in, generator=g)
             y = torch.randn(T, group_out(group), generator=g)

@@ -1,5 +1,5 @@
 """Allocator and scheduler properties (issue 15), checked with hypothesis over the real PagePool,
-KVCache, DeviceAdapterCache and Scheduler on a tiny model shape; no model weights are needed.
+KVBlocks, DeviceAdapterCache and Scheduler on a tiny model shape; no model weights are needed.
 
 Random sequences of admissions (with and without adapters, including prompts that can never fit
 beside their adapter), steps (KV growth, preemptions), aborts, adapter adds, deletes and replaces
@@ -24,7 +24,7 @@ from slserve.adapters.peft_format import LoRAAdapter, LoRAWeights
 from slserve.config import ModelConfig
 from slserve.memory.adapter_pages import DeviceAdapterCache
 from slserve.memory.adapter_store import AdapterNotFoundError
-from slserve.memory.kv_cache import KVCache, kv_page_elems
+from slserve.memory.kv_cache import KVBlocks, kv_page_elems
 from slserve.memory.pool import Owner, PagePool
 from slserve.request import Request, Status
 from slserve.sampling_params import SamplingParams
@@ -71,8 +71,8 @@ class InlineExecutor(Executor):
 class PoolMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.pool = PagePool(NUM_PAGES, kv_page_elems(MODEL, PAGE_TOKENS), torch.float32, "cpu")
-        self.kv = KVCache(self.pool, MODEL, PAGE_TOKENS)
+        self.pool = PagePool(NUM_PAGES, kv_page_elems(MODEL, PAGE_TOKENS), itemsize=4)
+        self.kv = KVBlocks(self.pool, PAGE_TOKENS)
         self.store: dict[str, LoRAAdapter] = {}
         self.cache = DeviceAdapterCache(self.pool, MODEL, self._get_host, executor=InlineExecutor())
         self.sched = Scheduler(self.kv, self.cache, max_num_seqs=4, max_num_batched_tokens=24)

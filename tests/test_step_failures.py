@@ -229,7 +229,7 @@ class _RaiseOnCall:
         return self.fn(*args, **kwargs)
 
 
-@pytest.mark.parametrize("where", ["model", "sampler"])
+@pytest.mark.parametrize("where", ["runner.model", "sampler"])
 def test_step_failure_fails_only_that_steps_requests(base, adapters, tmp_path, where):
     engine = _engine(tmp_path, 64, max_num_seqs=2)
     engine.add_adapter("x", adapters["old"])
@@ -237,7 +237,9 @@ def test_step_failure_fails_only_that_steps_requests(base, adapters, tmp_path, w
     prompts = ["The quick brown fox", "In a distant galaxy", "def fibonacci(n):", "Bread starts with"]
     work = [(tok.encode(p), a) for p, a in zip(prompts, ["x", None, "x", None], strict=True)]
     reqs = [engine.add_request(ids, SamplingParams(max_tokens=4, **GREEDY), adapter=a) for ids, a in work]
-    setattr(engine, where, _RaiseOnCall(getattr(engine, where), 3, RuntimeError("injected fault")))
+    owner, _, attr = where.rpartition(".")
+    obj = engine.runner if owner else engine
+    setattr(obj, attr, _RaiseOnCall(getattr(obj, attr), 3, RuntimeError("injected fault")))
     outs = _run(engine, reqs)
     failed = [r for r in reqs if r.finish_reason == "error"]
     assert failed == reqs[:2], "exactly the two requests of the failing step"
@@ -262,7 +264,7 @@ def test_corrupt_pool_after_failed_step_is_fatal(tmp_path):
     def corrupt():
         engine.pool._free[0] = False  # a page the books lose: used, held by nobody
 
-    engine.model = _RaiseOnCall(engine.model, 1, RuntimeError("injected fault"), before=corrupt)
+    engine.runner.model = _RaiseOnCall(engine.runner.model, 1, RuntimeError("injected fault"), before=corrupt)
     with pytest.raises(PoolCorrupted, match="1 pages used but held by nobody"):
         engine.step()
     assert req.finish_reason == "error"

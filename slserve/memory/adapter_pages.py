@@ -1,62 +1,29 @@
-"""The device tier: adapter weights as pages of the unified pool, pinned while used, evicted LRU.
+"""The device tier's books (rank 0): which adapters are resident, where, pinned by whom, LRU.
 
-Layout of one adapter in the pool. Each layer's weights form one contiguous block:
-
-    A_qkv  [rq + rk + rv, hidden]   the q, k, v A matrices stacked: one shrink feeds three expands
-    A_o    [ro, q_size]
-    A_gu   [rg + ru, hidden]        gate and up stacked likewise
-    A_down [rd, intermediate]
-    B^T_q [rq, q_size]  B^T_k [rk, kv_size]  B^T_v [rv, kv_size]  B^T_o [ro, hidden]
-    B^T_gate [rg, intermediate]  B^T_up [ru, intermediate]  B^T_down [rd, hidden]
-
-(absent modules take no room; B^T already carries the module's scale). Layer blocks are packed
-into as few runs of consecutive pages as the free space allows, so a block is always contiguous
-and every matrix is one range of the pool; nothing is padded to a maximum rank. Where each
-matrix sits is written once per residency into the adapter's slot table (kernels/lora.py), which
-the LoRA op reads directly.
+No tensors here. Placing an adapter reserves runs of consecutive pool pages and lays its weights
+out in them (adapter_layout.py); the copy itself is a command, `AdapterLoad`, that the step plan
+carries to every rank's model runner, which writes its slice of the weights at those offsets.
+Freeing is `AdapterFree`. Layer blocks are packed into as few runs of consecutive pages as the
+free space allows, so a block is always contiguous and every matrix is one range of the pool.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
-
-import torch
 
 from slserve.adapters.peft_format import LoRAAdapter
 from slserve.config import ModelConfig
-from slserve.kernels.lora import SLOT_FIELDS, slot_row
+from slserve.memory.adapter_layout import AdapterLayout, group_columns, lay_out, layer_elems
 from slserve.memory.pool import Owner, PagePool
+from slserve.plan import AdapterCommand, AdapterFree, AdapterLoad
 
 logger = logging.getLogger(__name__)
-
-# group -> the modules it fuses, in the column order of the fused base projection
-GROUPS: dict[str, tuple[str, ...]] = {
-    "qkv": ("q_proj", "k_proj", "v_proj"),
-    "o": ("o_proj",),
-    "gate_up": ("gate_proj", "up_proj"),
-    "down": ("down_proj",),
-}
-
-
-def group_columns(model: ModelConfig) -> dict[str, int]:
-    """Column offset of each module inside its group's fused output."""
-    q, kv, inter = model.q_size, model.kv_size, model.intermediate_size
-    return {"q_proj": 0, "k_proj": q, "v_proj": q + kv, "o_proj": 0,
-            "gate_proj": 0, "up_proj": inter, "down_proj": 0}
-
-
-@dataclass
-class LayerSlot:
-    """Where one (layer, group) of an adapter sits: offsets into pool.flat, for kernels."""
-
-    a_off: int
-    rank: int  # rows of the stacked A
-    expands: list[tuple[str, int, int, int]]  # (module, b_off, h0, r)
 
 
 @dataclass(frozen=True)
@@ -72,14 +39,13 @@ class AdapterVersion:
 class DeviceAdapter:
     name: str
     adapter: LoRAAdapter
+    slot: int  # this residency's id in step plans (never reused)
     runs: list[tuple[int, int]]  # (first page, page count)
-    slots: list[dict[str, LayerSlot]]  # per layer
-    table: torch.Tensor  # int64 [layers, len(GROUPS), SLOT_FIELDS]: the same, for the LoRA op
+    layout: AdapterLayout
     num_pages: int
     generation: int = 0
     pins: int = 0
     stale: bool = False  # replaced, deleted or a private old version: freed once the last user lets go
-    ready: Future | None = None
 
     @property
     def version(self) -> AdapterVersion:
@@ -98,7 +64,10 @@ class AdapterPageStats:
 class DeviceAdapterCache:
     """Resident adapters by name (LRU order), plus stale ones still pinned by running requests.
 
-    `executor` runs host loads and background copies (default: one worker thread)."""
+    `model` is a rank's config and `shapes` its LoRA shapes (parallel.py: Shard.local_config,
+    Shard.lora_shapes; the whole model by default). `executor` runs host loads (default: one
+    worker thread). Every placement and release appends a command to `commands`, which the engine
+    hands to the model runners with the next step (`take_commands`)."""
 
     def __init__(
         self,
@@ -106,32 +75,35 @@ class DeviceAdapterCache:
         model: ModelConfig,
         get_host: Callable[[str], LoRAAdapter],
         executor: Executor | None = None,
+        shapes: dict[str, tuple[int, int]] | None = None,
     ):
         self.pool = pool
         self.model = model
+        self.shapes = shapes or model.module_shapes()
         self.get_host = get_host
+        self.commands: list[AdapterCommand] = []
+        self._slots = itertools.count(1)
         self.resident: OrderedDict[str, DeviceAdapter] = OrderedDict()
         self.stale: list[DeviceAdapter] = []
         self.stats = AdapterPageStats()
         self._prefetched: set[str] = set()
         self._columns = group_columns(model)
-        self._copier = executor or ThreadPoolExecutor(max_workers=1,
-                                                      thread_name_prefix="slserve-adapter-copy")
+        self._loader = executor or ThreadPoolExecutor(max_workers=1,
+                                                      thread_name_prefix="slserve-adapter-load")
         self._host_loading: dict[str, tuple[Future, int]] = {}  # name -> (host load, generation)
         self._generation: dict[str, int] = {}
         self._lock = threading.Lock()
 
     # -- sizes -------------------------------------------------------------------------------
-    def _layer_elems(self, adapter: LoRAAdapter, layer: int) -> int:
-        total = 0
-        for (lyr, _module), w in adapter.modules.items():
-            if lyr == layer:
-                total += w.a.numel() + w.b.numel()
-        return total
+    def _layer_ranks(self, adapter: LoRAAdapter) -> list[dict[str, int]]:
+        ranks: list[dict[str, int]] = [{} for _ in range(self.model.num_layers)]
+        for (layer, module), w in adapter.modules.items():
+            ranks[layer][module] = w.a.shape[0]
+        return ranks
 
     def pages_needed(self, adapter: LoRAAdapter) -> int:
         """Pages the adapter takes if it gets one run (the usual case)."""
-        elems = sum(self._layer_elems(adapter, layer) for layer in range(self.model.num_layers))
+        elems = sum(layer_elems(r, self.shapes) for r in self._layer_ranks(adapter))
         return max(1, -(-elems // self.pool.page_elems))
 
     # -- residency ---------------------------------------------------------------------------
@@ -162,9 +134,6 @@ class DeviceAdapterCache:
                 dev.generation = version.generation
         elif current and name in self._prefetched:
             self.stats.prefetch_hits += 1
-        if dev.ready is not None:
-            dev.ready.result()
-            dev.ready = None
         if current:
             self._prefetched.discard(name)
             self.resident.move_to_end(name)
@@ -185,14 +154,7 @@ class DeviceAdapterCache:
         self._generation[name] = self.generation(name) + 1
         self._prefetched.discard(name)
         self._host_loading.pop(name, None)
-        dev = self.resident.pop(name, None)
-        if dev is None:
-            return
-        if dev.pins:
-            dev.stale = True
-            self.stale.append(dev)
-        else:
-            self._free(dev)
+        self.invalidate_copy(name)
 
     def evict_idle(self, pages: int) -> int:
         """Evict unpinned adapters, least recently used first, until `pages` are freed."""
@@ -220,7 +182,7 @@ class DeviceAdapterCache:
                 continue
             loading = self._host_loading.get(name)
             if loading is None:
-                self._host_loading[name] = (self._copier.submit(self.get_host, name), self.generation(name))
+                self._host_loading[name] = (self._loader.submit(self.get_host, name), self.generation(name))
                 continue
             fut, generation = loading
             if not fut.done():
@@ -235,8 +197,31 @@ class DeviceAdapterCache:
                 self._prefetched.add(name)
                 self.stats.prefetches += 1
 
+    def take_commands(self) -> list[AdapterCommand]:
+        """The loads and frees since the last call, in order, for the next step plan."""
+        commands, self.commands = self.commands, []
+        return commands
+
+    def discard(self, slots: set[int]) -> None:
+        """Forget the device copies with these slot ids (a failed step may have left them
+        unwritten): new requests load them again; pinned ones go once their users let go."""
+        for name, dev in list(self.resident.items()):
+            if dev.slot in slots:
+                self.invalidate_copy(name)
+
+    def invalidate_copy(self, name: str) -> None:
+        dev = self.resident.pop(name, None)
+        if dev is None:
+            return
+        self._prefetched.discard(name)
+        if dev.pins:
+            dev.stale = True
+            self.stale.append(dev)
+        else:
+            self._free(dev)
+
     def close(self) -> None:
-        self._copier.shutdown(wait=False, cancel_futures=True)
+        self._loader.shutdown(wait=False, cancel_futures=True)
 
     # -- placement ---------------------------------------------------------------------------
     def _load(
@@ -247,7 +232,8 @@ class DeviceAdapterCache:
         background: bool = False,
         private: bool = False,
     ) -> DeviceAdapter | None:
-        sizes = [self._layer_elems(adapter, layer) for layer in range(self.model.num_layers)]
+        layer_ranks = self._layer_ranks(adapter)
+        sizes = [layer_elems(r, self.shapes) for r in layer_ranks]
         need = self.pages_needed(adapter)
         if self.pool.num_free < need + reserve_pages:
             if not may_evict:
@@ -263,16 +249,11 @@ class DeviceAdapterCache:
         if runs is None:
             return None
         layer_offsets, runs = runs
-        dev = self._build(adapter, runs, layer_offsets)
-        dev.generation = self.generation(adapter.name)
-        try:
-            if background:
-                dev.ready = self._copier.submit(self._copy, dev)
-            else:
-                self._copy(dev)
-        except BaseException:
-            self._free(dev)
-            raise
+        layout = lay_out(layer_ranks, self.shapes, self._columns, layer_offsets)
+        dev = DeviceAdapter(name=adapter.name, adapter=adapter, slot=next(self._slots), runs=runs,
+                            layout=layout, num_pages=sum(n for _, n in runs),
+                            generation=self.generation(adapter.name))
+        self.commands.append(AdapterLoad(dev.slot, layout, adapter, background))
         if private:
             dev.stale = True
             self.stale.append(dev)
@@ -319,78 +300,8 @@ class DeviceAdapterCache:
             return None
         return offsets, runs
 
-    def _build(self, adapter: LoRAAdapter, runs, layer_offsets: list[int]) -> DeviceAdapter:
-        m = self.model
-        shapes = m.module_shapes()
-        slots: list[dict[str, LayerSlot]] = []
-        for layer in range(m.num_layers):
-            off = layer_offsets[layer]
-            layer_slots: dict[str, LayerSlot] = {}
-            a_offs: dict[str, int] = {}
-            for group, modules in GROUPS.items():
-                present = [mod for mod in modules if (layer, mod) in adapter.modules]
-                if not present:
-                    continue
-                a_offs[group] = off
-                rank = 0
-                for mod in present:
-                    r = adapter.modules[(layer, mod)].a.shape[0]
-                    off += r * shapes[mod][0]
-                    rank += r
-                layer_slots[group] = LayerSlot(a_off=a_offs[group], rank=rank, expands=[])
-            for group, modules in GROUPS.items():
-                h0 = 0
-                for mod in modules:
-                    w = adapter.modules.get((layer, mod))
-                    if w is None:
-                        continue
-                    r = w.a.shape[0]
-                    layer_slots[group].expands.append((mod, off, h0, r))
-                    off += r * shapes[mod][1]
-                    h0 += r
-            slots.append(layer_slots)
-        return DeviceAdapter(
-            name=adapter.name, adapter=adapter, runs=runs, slots=slots, table=self._table(slots),
-            num_pages=sum(n for _, n in runs),
-        )
-
-    def _table(self, slots: list[dict[str, LayerSlot]]) -> torch.Tensor:
-        shapes = self.model.module_shapes()
-        rows = []
-        for layer_slots in slots:
-            for group, modules in GROUPS.items():
-                slot = layer_slots.get(group)
-                if slot is None:  # rank 0: the adapter leaves this group alone
-                    rows.append(slot_row(0, 0, 0, []))
-                    continue
-                expands = [(b_off, r, shapes[mod][1], h0, self._columns[mod])
-                           for mod, b_off, h0, r in slot.expands]
-                rows.append(slot_row(slot.a_off, slot.rank, shapes[modules[0]][0], expands))
-        return torch.tensor(rows, dtype=torch.int64).view(len(slots), len(GROUPS), SLOT_FIELDS)
-
-    def _copy(self, dev: DeviceAdapter) -> None:
-        """Write the host weights into the adapter's pages (scale folded into B^T)."""
-        flat, shapes = self.pool.flat, self.model.module_shapes()
-        for layer, layer_slots in enumerate(dev.slots):
-            for slot in layer_slots.values():
-                row = slot.a_off
-                for mod, _b_off, _h0, r in slot.expands:
-                    w = dev.adapter.modules[(layer, mod)]
-                    n = r * shapes[mod][0]
-                    flat[row : row + n].copy_(w.a.reshape(-1))
-                    row += n
-                for mod, b_off, _h0, r in slot.expands:
-                    w = dev.adapter.modules[(layer, mod)]
-                    out = shapes[mod][1]
-                    # Scale in float32, then one transposing, rounding copy into the pages.
-                    flat[b_off : b_off + r * out].view(r, out).copy_((w.b * w.scale).t())
-
     def _free(self, dev: DeviceAdapter) -> None:
-        if dev.ready is not None:
-            # Its pages must not be reused while the copy still writes them; a failed copy
-            # leaves nothing to keep.
-            wait([dev.ready])
-            dev.ready = None
+        self.commands.append(AdapterFree(dev.slot))
         for start, n in dev.runs:
             self.pool.free_run(start, n, Owner.ADAPTER)
         dev.runs = []
@@ -404,7 +315,7 @@ class DeviceAdapterCache:
             "device_count": len(self.resident),
             "device_pages": sum(d.num_pages for d in self.resident.values()),
             "device_bytes": sum(d.num_pages for d in self.resident.values()) * self.pool.page_elems
-            * self.pool.data.element_size(),
+            * self.pool.itemsize,
             "device_pinned": sum(1 for d in self.resident.values() if d.pins),
             "loads": self.stats.loads,
             "evictions": self.stats.evictions,

@@ -4,6 +4,9 @@ Page layout: [num_layers, 2 (K, V), page_tokens, num_kv_heads, head_dim]. Token 
 lives in page block_table[i // page_tokens] at offset i % page_tokens, for every layer at once.
 For layer l the cache is the strided view data[:, l, 0] (K) / data[:, l, 1] (V) of shape
 [num_pages, page_tokens, num_kv_heads, head_dim]: no copy, one block table for all layers.
+
+`KVBlocks` is the accounting half (rank 0: block tables grow and shrink through the allocator);
+`KVCache` is the storage half (every rank: views of its pool region, with its own KV heads).
 """
 
 from __future__ import annotations
@@ -19,17 +22,17 @@ def kv_page_elems(model: ModelConfig, page_tokens: int) -> int:
 
 
 class KVCache:
-    def __init__(self, pool: PagePool, model: ModelConfig, page_tokens: int):
-        assert pool.page_elems == kv_page_elems(model, page_tokens)
-        self.pool = pool
+    """One rank's K/V views of its pool region `data: [num_pages, page_elems]`; `model` is the
+    rank's local config (its KV heads)."""
+
+    def __init__(self, data: torch.Tensor, model: ModelConfig, page_tokens: int):
+        assert data.shape[1] == kv_page_elems(model, page_tokens)
         self.page_tokens = page_tokens
-        view = pool.data.view(
-            pool.num_pages, model.num_layers, 2, page_tokens, model.num_kv_heads, model.head_dim
-        )
+        view = data.view(data.shape[0], model.num_layers, 2, page_tokens, model.num_kv_heads, model.head_dim)
         self.k = [view[:, layer, 0] for layer in range(model.num_layers)]
         self.v = [view[:, layer, 1] for layer in range(model.num_layers)]
         # Rows of one token's K (or V) for one layer: writes are one index_copy_ per layer.
-        self.rows = pool.data.view(-1, model.num_kv_heads, model.head_dim)
+        self.rows = data.view(-1, model.num_kv_heads, model.head_dim)
         self._row_offsets = (torch.arange(model.num_layers * 2) * page_tokens).view(model.num_layers, 2, 1)
         self._rows_per_page = model.num_layers * 2 * page_tokens
 
@@ -42,6 +45,14 @@ class KVCache:
         """k, v: [T, KVH, D] of the step's new tokens."""
         self.rows.index_copy_(0, index[layer, 0], k)
         self.rows.index_copy_(0, index[layer, 1], v)
+
+
+class KVBlocks:
+    """Block tables through the allocator: how many pages a sequence needs, growing, releasing."""
+
+    def __init__(self, pool: PagePool, page_tokens: int):
+        self.pool = pool
+        self.page_tokens = page_tokens
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_tokens)

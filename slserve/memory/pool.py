@@ -1,10 +1,14 @@
 """The unified paged pool: one preallocated device region, one allocator, two kinds of owner.
 
-The region is `data: [num_pages, page_elems]`. A page holds `page_tokens` tokens of K and V for
-every layer (see kv_cache.py), so a sequence needs one page per `page_tokens` tokens whatever the
-layer count. Adapter weights take runs of consecutive pages (see adapter_pages.py): a contiguous
-run lets the CPU path view an adapter's A and B^T as ordinary matrices with no copy, and lets a
-kernel reach any row by offset.
+Accounting and storage live apart. `PagePool` is the allocator: which page belongs to whom, on
+rank 0 only, with no tensors. `allocate_storage` makes the region itself, `[num_pages,
+page_elems]`, once per rank: under tensor parallelism every rank holds its slice of every page
+(its KV heads, its part of each adapter), under the same page ids.
+
+A page holds `page_tokens` tokens of K and V for every layer (see kv_cache.py), so a sequence
+needs one page per `page_tokens` tokens whatever the layer count. Adapter weights take runs of
+consecutive pages (see adapter_pages.py): a contiguous run lets the CPU path view an adapter's A
+and B^T as ordinary matrices with no copy, and lets a kernel reach any row by offset.
 
 KV pages are taken from the top of the region and adapter runs from the bottom, so the two
 owners rarely interleave and long free runs survive for adapters.
@@ -57,16 +61,23 @@ def _advise_huge_pages(t: torch.Tensor) -> None:
         libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
 
 
+def allocate_storage(num_pages: int, page_elems: int, dtype: torch.dtype, device: torch.device | str
+                     ) -> torch.Tensor:
+    """One rank's pool region, zeroed: [num_pages, page_elems]."""
+    data = torch.empty(num_pages, page_elems, dtype=dtype, device=device)
+    _advise_huge_pages(data)
+    return data.zero_()
+
+
 class PagePool:
-    def __init__(self, num_pages: int, page_elems: int, dtype: torch.dtype, device: torch.device | str):
+    """The allocator of the unified pool (rank 0): pages by owner, no tensors."""
+
+    def __init__(self, num_pages: int, page_elems: int, itemsize: int):
         if num_pages < 1:
             raise ValueError("the pool needs at least one page")
         self.num_pages = num_pages
         self.page_elems = page_elems
-        self.data = torch.empty(num_pages, page_elems, dtype=dtype, device=device)
-        _advise_huge_pages(self.data)
-        self.data.zero_()
-        self.flat = self.data.view(-1)
+        self.itemsize = itemsize
         self._free = np.ones(num_pages, dtype=bool)
         self._used = {owner: 0 for owner in Owner}
 
@@ -145,5 +156,5 @@ class PagePool:
             "pages_free": self.num_free,
             "pages_kv": self._used[Owner.KV],
             "pages_adapter": self._used[Owner.ADAPTER],
-            "page_bytes": self.page_elems * self.data.element_size(),
+            "page_bytes": self.page_elems * self.itemsize,
         }

@@ -33,11 +33,15 @@ class Linear(nn.Module):
     """y = x @ W^T (+ b), plus the step's batched LoRA term for this (layer, group).
 
     Every target projection goes through here; fused projections (q|k|v, gate|up) are one
-    Linear whose LoRA group knows how its output columns split into modules.
+    Linear whose LoRA group knows how its output columns split into modules. A row-parallel
+    projection under tensor parallelism has a `reduce` (the all-reduce that sums the ranks'
+    partial outputs), applied after the LoRA term so that one collective carries both.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layer: int, group: str):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layer: int, group: str,
+                 reduce=None):
         super().__init__()
+        self.reduce = reduce
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.layer = layer
@@ -56,6 +60,8 @@ class Linear(nn.Module):
         y = self._matmul(x)
         if lora is not None:
             lora.apply(y, x, self.layer, self.group)
+        if self.reduce is not None:
+            self.reduce(y)
         return y
 
 

@@ -2,66 +2,76 @@
 
 Prefill chunks and decode tokens of many sequences run in one forward: every tensor below is
 [T, ...] over the step's tokens; attention is the only place where sequences are told apart.
+Under tensor parallelism each rank holds its shard (parallel.py): its heads, its intermediate
+columns, its vocabulary rows; `state` already holds only that shard.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slserve.batch import ForwardBatch
 from slserve.config import ModelConfig
 from slserve.memory.kv_cache import KVCache
 from slserve.model.layers import Linear, RMSNorm, Rotary, dense
 from slserve.model.ops import TorchOps
+from slserve.parallel import Collectives, Shard
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ForwardBatch, float], torch.Tensor]
+if TYPE_CHECKING:
+    from slserve.backends import Backend, ForwardContext
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], i: int):
+    def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], i: int, reduce=None):
+        """cfg: this rank's config (its heads); reduce: the row-parallel all-reduce under TP."""
         super().__init__()
         p = f"model.layers.{i}."
         attn, mlp = p + "self_attn.", p + "mlp."
         qkv_w = torch.cat([state[attn + f"{n}_proj.weight"] for n in "qkv"])
         qkv_b = torch.cat([state[attn + f"{n}_proj.bias"] for n in "qkv"]) if cfg.qkv_bias else None
         self.qkv = Linear(qkv_w, qkv_b, i, "qkv")
-        self.o = Linear(state[attn + "o_proj.weight"], None, i, "o")
+        self.o = Linear(state[attn + "o_proj.weight"], None, i, "o", reduce)
         gate_up = torch.cat([state[mlp + "gate_proj.weight"], state[mlp + "up_proj.weight"]])
         self.gate_up = Linear(gate_up, None, i, "gate_up")
-        self.down = Linear(state[mlp + "down_proj.weight"], None, i, "down")
+        self.down = Linear(state[mlp + "down_proj.weight"], None, i, "down", reduce)
         self.input_norm = RMSNorm(state[p + "input_layernorm.weight"], cfg.rms_norm_eps)
         self.post_norm = RMSNorm(state[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
         self.index = i
         self.heads = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
-    def forward(self, delta, residual, cos, sin, batch: ForwardBatch, kv: KVCache, write_index,
-                attention: AttentionFn, ops: TorchOps):
+    def forward(self, delta, residual, cos, sin, ctx: ForwardContext, kv: KVCache, backend: Backend,
+                ops: TorchOps):
         """residual: the running sum of the embedding and every earlier layer's output, updated
         in place where the ops allow; delta: the previous layer's output, not yet added (None
         before the first layer). Returns this layer's (delta, residual)."""
         T = residual.shape[0]
         H, _, D = self.heads
         residual, h = ops.add_norm(residual, delta, self.input_norm)
-        qkv = self.qkv(h, batch.lora)  # [T, q + 2 kv]
-        q = ops.rotary_kv(qkv, cos, sin, self.heads, kv, self.index, write_index)
-        o = attention(q, kv.k[self.index], kv.v[self.index], batch, D**-0.5)  # [T, H, D]
-        residual, h = ops.add_norm(residual, self.o(o.view(T, H * D), batch.lora), self.post_norm)
-        act = ops.silu_mul(self.gate_up(h, batch.lora))  # [T, inter]
-        return self.down(act, batch.lora), residual
+        qkv = self.qkv(h, ctx.lora)  # [T, q + 2 kv]
+        q = ops.rotary_kv(qkv, cos, sin, self.heads, kv, self.index, ctx.write_index)
+        o = backend.attention(q, kv.k[self.index], kv.v[self.index], ctx, D**-0.5)  # [T, H, D]
+        residual, h = ops.add_norm(residual, self.o(o.view(T, H * D), ctx.lora), self.post_norm)
+        act = ops.silu_mul(self.gate_up(h, ctx.lora))  # [T, inter]
+        return self.down(act, ctx.lora), residual
 
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], device, max_positions: int,
-                 ops: TorchOps | None = None):
+                 ops: TorchOps | None = None, shard: Shard | None = None, comm: Collectives | None = None):
+        """cfg: the whole model's config; state: this rank's shard of the weights."""
         super().__init__()
         self.cfg = cfg
+        self.shard = shard = shard or Shard()
+        self.comm = comm or Collectives(shard)
+        self.vocab = shard.vocab(cfg)
         self.ops = ops or TorchOps()
         self.embed = nn.Parameter(state["model.embed_tokens.weight"], requires_grad=False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, state, i) for i in range(cfg.num_layers))
+        reduce = self.comm.all_reduce if shard.parallel else None
+        local = shard.local_config(cfg)
+        self.layers = nn.ModuleList(DecoderLayer(local, state, i, reduce) for i in range(cfg.num_layers))
         self.norm = RMSNorm(state["model.norm.weight"], cfg.rms_norm_eps)
         lm_head = state["model.embed_tokens.weight"] if cfg.tie_word_embeddings else state["lm_head.weight"]
         self.lm_head = nn.Parameter(lm_head, requires_grad=False)
@@ -72,15 +82,24 @@ class LlamaModel(nn.Module):
                 module.finalize()
         self._lm_head = dense(self.lm_head.data)
 
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.shard.parallel:
+            return F.embedding(ids, self.embed)
+        # Vocabulary-parallel: each rank embeds the ids in its rows, zeros elsewhere; one sum.
+        v0, v1 = self.vocab.start, self.vocab.stop
+        mine = (ids >= v0) & (ids < v1)
+        out = F.embedding((ids - v0).clamp(0, v1 - v0 - 1), self.embed) * mine[:, None].to(self.embed.dtype)
+        return self.comm.all_reduce(out)
+
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv: KVCache, attention: AttentionFn) -> torch.Tensor:
-        """Logits (float32) for the tokens in batch.logits_index: [R, vocab]."""
-        residual = F.embedding(batch.input_ids, self.embed)  # [T, hidden]
-        cos, sin = self.rotary.tables(batch.positions, residual.dtype)
-        write_index = kv.write_index(batch.slot_pages, batch.slot_offsets)
+    def forward(self, ctx: ForwardContext, kv: KVCache, backend: Backend) -> torch.Tensor | None:
+        """Logits (float32) for the tokens in ctx.logits_index: [R, vocab], on rank 0 (None on the
+        others)."""
+        residual = self.embed_tokens(ctx.input_ids)  # [T, hidden]
+        cos, sin = self.rotary.tables(ctx.positions, residual.dtype)
         delta = None
         for layer in self.layers:
-            delta, residual = layer(delta, residual, cos, sin, batch, kv, write_index, attention, self.ops)
-        rows = batch.logits_index
+            delta, residual = layer(delta, residual, cos, sin, ctx, kv, backend, self.ops)
+        rows = ctx.logits_index
         _, h = self.ops.add_norm(residual[rows], delta[rows], self.norm)
-        return self._lm_head(h).float()
+        return self.comm.gather_vocab(self._lm_head(h).float(), self.cfg.vocab_size)

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from slserve.config import ModelConfig, default_cache_dir
+from slserve.parallel import Shard, base_weight_slice
 
 logger = logging.getLogger(__name__)
 
@@ -134,8 +135,11 @@ def load_model_config(path: Path) -> ModelConfig:
     )
 
 
-def load_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint's safetensors files, cast to `dtype`."""
+def load_state_dict(path: Path, dtype: torch.dtype, cfg: ModelConfig | None = None,
+                    shard: Shard | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's safetensors files, cast to `dtype`. With a tensor-parallel
+    `shard` (and the model's `cfg`), each tensor is read already cut to the rank's slice
+    (parallel.py: base_weight_slice): no rank ever holds the whole model."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {path}")
@@ -143,7 +147,15 @@ def load_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
-                state[key] = f.get_tensor(key).to(dtype)
+                cut = base_weight_slice(key, cfg, shard) if shard is not None else None
+                if cut is None:
+                    state[key] = f.get_tensor(key).to(dtype)
+                    continue
+                dim, rows = cut
+                part = f.get_slice(key)
+                cut_rows = slice(rows.start, rows.stop)
+                index = (cut_rows,) if dim == 0 else (slice(None), cut_rows)
+                state[key] = part[index].to(dtype)
     return state
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from slserve.adapters.peft_format import AdapterError
 from slserve.memory.adapter_pages import DeviceAdapterCache
 from slserve.memory.adapter_store import AdapterNotFoundError
-from slserve.memory.kv_cache import KVCache
+from slserve.memory.kv_cache import KVBlocks
 from slserve.request import Request, Status
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(
         self,
-        kv: KVCache,
+        kv: KVBlocks,
         adapters: DeviceAdapterCache | None,
         max_num_seqs: int,
         max_num_batched_tokens: int,
@@ -176,6 +176,18 @@ class Scheduler:
         req.error_status = status
         out.failed.append(req)
         logger.info("request %s failed: %s", req.request_id, message)
+
+    def advance(self, scheduled: list[tuple[Request, int]]) -> None:
+        """The step ran: the scheduled tokens' K/V are in the cache."""
+        for req, n in scheduled:
+            req.num_computed += n
+
+    def append_token(self, req: Request, token: int, logprob, now: float) -> None:
+        req.token_ids.append(token)
+        if logprob is not None:
+            req.logprobs.append(logprob)
+        if req.first_token_time is None:
+            req.first_token_time = now
 
     def finish(self, req: Request) -> None:
         """Take a finished or aborted request out, wherever it is, and free what it holds."""

@@ -1,0 +1,98 @@
+"""The step plan: everything a model runner needs for one forward, as plain picklable data.
+
+Rank 0 builds it from the scheduler's decisions (`build_plan`); every rank's model runner
+(runner.py) executes it: first the adapter commands, in order, then the forward. Nothing in it
+holds a tensor or a `Request`, so under tensor parallelism it is the one message of a step.
+
+    input_ids, positions      [T]  the step's tokens: prefill chunks and decode tokens, flat
+    slot_pages, slot_offsets  [T]  where each token's K/V goes (page id, offset in the page)
+    query_lens, context_lens  [S]  per sequence: new tokens, tokens in the cache after the step
+    block_tables              [S]  per sequence: its pages, in order
+    logits_index              [R]  the token whose logits sample each finishing prompt/decode
+    segments                       (start, end, adapter slot): token ranges of one adapter
+    adapter_commands               AdapterLoad / AdapterFree, applied before the forward
+
+Sampling state (seeded generators, per-request parameters) stays on rank 0, which samples from
+the logits the runners return there (engine.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from slserve.adapters.peft_format import LoRAAdapter
+    from slserve.memory.adapter_layout import AdapterLayout
+    from slserve.request import Request
+
+
+@dataclass(frozen=True)
+class AdapterLoad:
+    """Write an adapter's weights at `layout` and know it as `slot` from now on. `adapter` is the
+    host copy (rank 0, in process); for another rank the TP driver replaces it by `weights`,
+    that rank's slices alone. `background`: a prefetch, which may overlap the step's forward."""
+
+    slot: int
+    layout: AdapterLayout
+    adapter: LoRAAdapter | None
+    background: bool = False
+    weights: dict[tuple[int, str], Any] | None = None
+
+
+@dataclass(frozen=True)
+class AdapterFree:
+    """The slot's pages go back to the pool: wait for any copy still writing them."""
+
+    slot: int
+
+
+AdapterCommand = AdapterLoad | AdapterFree
+
+
+@dataclass
+class StepPlan:
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slot_pages: list[int] = field(default_factory=list)
+    slot_offsets: list[int] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+    context_lens: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+    logits_index: list[int] = field(default_factory=list)
+    segments: list[tuple[int, int, int]] = field(default_factory=list)
+    adapter_commands: list[AdapterCommand] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+def build_plan(scheduled: list[tuple[Request, int]], page_tokens: int) -> tuple[StepPlan, list[Request]]:
+    """The plan of (request, new tokens) pairs, already ordered so that each adapter's tokens are
+    contiguous; and the requests that sample a token this step, in logits_index order."""
+    plan = StepPlan()
+    ids, positions, pages, offsets = plan.input_ids, plan.positions, plan.slot_pages, plan.slot_offsets
+    segments = plan.segments
+    sample: list[Request] = []
+    for req, n in scheduled:
+        start, end = req.num_computed, req.num_computed + n
+        t0 = len(ids)
+        ids.extend(req.token_ids[start:end])
+        positions.extend(range(start, end))
+        table = req.block_table
+        pages.extend(table[p // page_tokens] for p in range(start, end))
+        offsets.extend(p % page_tokens for p in range(start, end))
+        plan.query_lens.append(n)
+        plan.context_lens.append(end)
+        plan.block_tables.append(list(table))
+        if end == req.num_tokens:  # the prompt is complete: this step yields a token
+            plan.logits_index.append(len(ids) - 1)
+            sample.append(req)
+        dev = req.device_adapter
+        if dev is not None:
+            if segments and segments[-1][2] == dev.slot and segments[-1][1] == t0:
+                segments[-1] = (segments[-1][0], len(ids), dev.slot)
+            else:
+                segments.append((t0, len(ids), dev.slot))
+    return plan, sample

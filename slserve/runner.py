@@ -1,0 +1,112 @@
+"""One model runner per rank: the model shard, the rank's pool storage and one backend.
+
+Each step it applies the plan's adapter commands (writing its slice of each loaded adapter into
+its pages), prepares the backend's tensors and runs the forward; rank 0 gets the logits back.
+Under tensor parallelism ranks 1..N-1 run the same code in worker processes (tp.py); with one
+rank the engine calls it in process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from slserve.adapters.peft_format import LoRAAdapter
+from slserve.backends import make_backend
+from slserve.config import EngineConfig, ModelConfig
+from slserve.kernels.cpu_ext import layer_ops
+from slserve.memory.adapter_layout import write_adapter
+from slserve.memory.kv_cache import KVCache, kv_page_elems
+from slserve.memory.pool import allocate_storage
+from slserve.model.llama import LlamaModel
+from slserve.model.loader import load_state_dict
+from slserve.model.ops import TorchOps
+from slserve.parallel import Collectives, Shard, lora_slice
+from slserve.plan import AdapterCommand, AdapterFree, AdapterLoad, StepPlan
+
+logger = logging.getLogger(__name__)
+
+Weights = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]
+
+
+def rank_weights(adapter: LoRAAdapter, ranges: dict[str, tuple[range, range]], copy: bool = False) -> Weights:
+    """A rank's slices of every LoRA pair: views, or contiguous copies to send to another process."""
+    out: Weights = {}
+    for (layer, module), w in adapter.modules.items():
+        a, b = lora_slice(module, w.a, w.b, ranges)
+        out[(layer, module)] = (a.contiguous(), b.contiguous(), w.scale) if copy else (a, b, w.scale)
+    return out
+
+
+def runner_device(config: EngineConfig, shard: Shard) -> torch.device:
+    """One device per rank: cuda:<rank> under TP on GPUs."""
+    device = torch.device(config.device)
+    if device.type == "cuda" and shard.parallel:
+        return torch.device("cuda", shard.rank)
+    return device
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_path: Path, cfg: ModelConfig, shard: Shard,
+                 num_pages: int):
+        self.shard = shard
+        self.device = device = runner_device(config, shard)
+        self.comm = Collectives(shard)
+        local = shard.local_config(cfg)
+        dtype = config.torch_dtype
+        use_cpu_ext = config.cpu_extension and device.type == "cpu"
+        t0 = time.perf_counter()
+        state = load_state_dict(model_path, dtype, cfg, shard)
+        ops = layer_ops() if use_cpu_ext else TorchOps()
+        self.model = LlamaModel(cfg, state, device, cfg.max_position_embeddings, ops, shard, self.comm)
+        del state
+        self.storage = allocate_storage(num_pages, kv_page_elems(local, config.page_tokens), dtype, device)
+        self.flat = self.storage.view(-1)
+        self.kv = KVCache(self.storage, local, config.page_tokens)
+        self.backend = make_backend(config.kernel_backend, cfg, shard, self.comm, device, config.page_tokens,
+                                    use_cpu_ext)
+        self.ranges = shard.module_ranges(cfg)
+        self.tables: dict[int, torch.Tensor] = {}  # adapter slot -> its slot table (AdapterLayout.table)
+        self._copies: dict[int, Future] = {}  # slot -> a background copy still writing its pages
+        self._copier: ThreadPoolExecutor | None = None
+        logger.debug("rank %d/%d: model shard loaded in %.1fs", shard.rank, shard.size,
+                     time.perf_counter() - t0)
+
+    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+        """Apply the plan's adapter commands, then run its forward: logits [R, vocab] on rank 0."""
+        self.apply(plan.adapter_commands)
+        for _, _, slot in plan.segments:
+            self._wait(slot)
+        if not plan.input_ids:
+            return None
+        ctx = self.backend.prepare(plan, self.kv, self.tables, self.flat)
+        return self.model(ctx, self.kv, self.backend)
+
+    def apply(self, commands: list[AdapterCommand]) -> None:
+        for cmd in commands:
+            if isinstance(cmd, AdapterFree):
+                self._wait(cmd.slot)  # its pages must not be reused while a copy still writes them
+                self.tables.pop(cmd.slot, None)
+                continue
+            assert isinstance(cmd, AdapterLoad)
+            weights = cmd.weights if cmd.weights is not None else rank_weights(cmd.adapter, self.ranges)
+            self.tables[cmd.slot] = cmd.layout.table()
+            if cmd.background:  # a prefetch: copy while this step's forward runs
+                if self._copier is None:
+                    self._copier = ThreadPoolExecutor(1, thread_name_prefix="slserve-adapter-copy")
+                self._copies[cmd.slot] = self._copier.submit(write_adapter, self.flat, cmd.layout, weights)
+            else:
+                write_adapter(self.flat, cmd.layout, weights)
+
+    def _wait(self, slot: int) -> None:
+        copy = self._copies.pop(slot, None)
+        if copy is not None:
+            copy.result()
+
+    def close(self) -> None:
+        if self._copier is not None:
+            self._copier.shutdown(wait=True, cancel_futures=True)
