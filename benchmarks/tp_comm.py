@@ -65,6 +65,8 @@ class Counter:
         Collectives.all_reduce, Collectives.gather_vocab = self._all_reduce, self._gather
 
     def watch(self, engine):
+        """Count from now on (the warm-up before is not counted)."""
+        self.measured = dict.fromkeys(self.measured, 0)
         cfg, runner = engine.model_config, engine.runner
         n, item = engine.config.tp, engine.config.torch_dtype.itemsize
         execute = runner.execute
@@ -86,8 +88,9 @@ class Counter:
 
 
 def run(model_dir: Path, adapters: dict[str, Path], tp: int, use_lora: bool, args, store: Path) -> dict:
-    llm = LLM(model=str(model_dir), dtype="float32", tp=tp, pool_bytes=256 << 20, adapter_dir=str(store))
+    # Wrapped before the model is built: the layers keep bound references to the collectives.
     counter = Counter() if tp > 1 else None
+    llm = LLM(model=str(model_dir), dtype="float32", tp=tp, pool_bytes=256 << 20, adapter_dir=str(store))
     try:
         for name, path in adapters.items():
             llm.add_adapter(name, path)

@@ -87,3 +87,31 @@ def test_sizes_that_do_not_divide_the_heads_are_refused(tmp_path):
     message = r"does not divide this model's 9 attention heads.*sizes that work: 1, 3$"
     with pytest.raises(TPConfigError, match=message):
         LLM(dtype="float32", tp=2, pool_bytes=32 << 20, adapter_dir=str(tmp_path))
+
+
+def test_triton_path_tp2_equals_torch_path(tmp_path):
+    """The GPU code path (Triton attention and LoRA kernels, here under TRITON_INTERPRET on the
+    CPU) at TP=1 and TP=2, row-parallel shrink all-reduce included, against the torch path."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = write_tiny_llama(tmp_path, layers=1)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    paths = {name: make_peft_adapter(base, tmp_path / name, r, targets, seed=i, std=0.05)
+             for i, (name, r, targets) in enumerate(ADAPTERS[:2])}
+    work = [(PROMPTS[0], "r8-all"), (PROMPTS[1], None), (PROMPTS[2], "r16-attn"), (PROMPTS[0], "r16-attn")]
+    outs = {}
+    for backend, tp in (("torch", 1), ("triton", 1), ("triton", 2)):
+        llm = LLM(model=str(model_dir), dtype="float32", tp=tp, kernel_backend=backend, pool_bytes=32 << 20,
+                  threads=1, adapter_dir=str(tmp_path / f"store-{backend}-{tp}"))
+        try:
+            for name, path in paths.items():
+                llm.add_adapter(name, path)
+            params = SamplingParams(temperature=0, max_tokens=4, logprobs=TOP)
+            outs[backend, tp] = llm.generate([p for p, _ in work], params, adapters=[a for _, a in work])
+        finally:
+            llm.engine.close()
+    ref = outs["torch", 1]
+    for key in (("triton", 1), ("triton", 2)):
+        for i, (got, want) in enumerate(zip(outs[key], ref, strict=True)):
+            assert got.token_ids == want.token_ids, f"{key}, request {i}"
+            torch.testing.assert_close(_top_logprobs(got), _top_logprobs(want), atol=2e-4, rtol=1e-4)
