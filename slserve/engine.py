@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from pathlib import Path
+
+import torch
 
 from slserve.adapters.peft_format import AdapterError
 from slserve.config import EngineConfig
@@ -49,8 +52,6 @@ class RequestError(ValueError):
 
 class Engine:
     def __init__(self, config: EngineConfig):
-        import torch
-
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -60,6 +61,8 @@ class Engine:
         self.model_config = cfg = load_model_config(path)
         check_tp(cfg, config.tp)
         self.shard = shard = Shard(0, config.tp)
+        if shard.parallel and not config.threads:  # the cores are shared by the ranks (tp.py)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // shard.size))
         self.device = runner_device(config, shard)
         self.tokenizer = load_tokenizer(path)
         local = shard.local_config(cfg)

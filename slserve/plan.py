@@ -85,7 +85,7 @@ def build_plan(scheduled: list[tuple[Request, int]], page_tokens: int) -> tuple[
         offsets.extend(p % page_tokens for p in range(start, end))
         plan.query_lens.append(n)
         plan.context_lens.append(end)
-        plan.block_tables.append(list(table))
+        plan.block_tables.append(table)  # not copied: a plan is executed before the next schedule
         if end == req.num_tokens:  # the prompt is complete: this step yields a token
             plan.logits_index.append(len(ids) - 1)
             sample.append(req)
