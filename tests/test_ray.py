@@ -1,0 +1,266 @@
+"""slserve on Ray Serve end to end: one local Ray cluster (127.0.0.1, no dashboard) for the whole
+module, the application of `slserve.deploy.ray_app` with two engine replicas, and the official
+openai client against its ingress.
+
+Greedy output is compared with the offline API (`slserve.LLM`) in this process, for the base
+model and for adapters made with the real peft library. `ad1` is copied into the shared adapter
+directory by hand before start-up; `ad2` is uploaded through the ingress during the tests. The
+replicas themselves are reached directly through their deployment handle's broadcast, which
+shows what each one serves; the last test kills one replica's process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from functools import cache
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+import slserve
+from slserve.config import EngineConfig
+from slserve.model.loader import resolve_model
+from slserve.sampling_params import SamplingParams
+from tests.peft_util import make_peft_adapter
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+from slserve.deploy import RayConfig, ray_app  # noqa: E402
+from slserve.deploy.app import ENGINE_DEPLOYMENT  # noqa: E402
+from slserve.deploy.asgi import HTTPRequest  # noqa: E402
+from slserve.deploy.ingress import REPLICA_HEADER  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = "SmolLM2-135M-Instruct"
+PROMPT = "Hello, my name is"
+APP = "slserve-test"
+MAX_TOKENS = 12
+STARTUP_TIMEOUT = 600
+# One torch thread per process, as in test_server.py: the replicas and this process share two cores.
+THREADS = 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def adapter_srcs(tmp_path_factory) -> dict[str, Path]:
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("peft")
+    base = AutoModelForCausalLM.from_pretrained(str(resolve_model(None)), dtype=torch.float32)
+    out = {
+        "ad1": make_peft_adapter(base, root / "ad1", r=8, targets=["q_proj", "v_proj"], seed=1),
+        "ad2": make_peft_adapter(base, root / "ad2", r=4, targets=["q_proj", "o_proj", "down_proj"], seed=2),
+    }
+    del base
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, adapter_srcs):
+    """The deployment: ad1 sits in the shared adapter directory before the replicas start."""
+    root = tmp_path_factory.mktemp("ray")
+    shared = root / "shared-adapters"
+    shared.mkdir()
+    shutil.copytree(adapter_srcs["ad1"], shared / "ad1")
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(THREADS)}
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
+    ray.init(address="local", num_cpus=3, include_dashboard=False, object_store_memory=80 << 20,
+             runtime_env={"env_vars": env}, log_to_driver=False)
+    port = _free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        config = EngineConfig(dtype="float32", pool_bytes=128 << 20, host_cache_bytes=64 << 20,
+                              threads=THREADS, adapter_dir=str(shared), drain_timeout=5)
+        ray_config = RayConfig(replicas=2, replica_cpus=1, ingress_cpus=0.5,
+                               local_adapter_root=str(root / "local"), app_name=APP)
+        serve.run(ray_app(config, ray_config), name=APP, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def offline(adapter_srcs, tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    llm = slserve.LLM(dtype="float32", pool_bytes=128 << 20,
+                      adapter_dir=str(tmp_path_factory.mktemp("offline-adapters")))
+    for name in ("ad1", "ad2"):
+        llm.add_adapter(name, adapter_srcs[name])
+
+    @cache
+    def generate(prompt: str, adapter: str | None) -> str:
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+        return llm.generate(prompt, params, adapter)[0].text
+
+    generate.llm = llm
+    yield generate
+    torch.set_num_threads(threads)
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def complete(url: str, model: str, prompt: str = PROMPT, **kwargs) -> tuple[str, str]:
+    """(text, replica) of a greedy completion through the ingress."""
+    raw = client(url).completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS,
+                                                           temperature=0, **kwargs)
+    return raw.parse().choices[0].text, raw.headers[REPLICA_HEADER]
+
+
+def engines():
+    return serve.get_deployment_handle(ENGINE_DEPLOYMENT, APP)
+
+
+def on_every_replica(method: str, path: str, json: dict | None = None) -> dict[str, tuple[int, bytes]]:
+    """replica -> (status, body) of one request sent to each replica directly."""
+    body = httpx.Request("POST", "http://x", json=json).content if json is not None else b""
+    headers = [(b"content-type", b"application/json")] if json is not None else []
+    answers = engines().broadcast("request", HTTPRequest(method, path, headers=headers, body=body)).results(
+        timeout_s=120)
+    return {replica: (status, content) for replica, status, content in answers}
+
+
+def replica_infos() -> list[dict]:
+    """Of the live replicas: a replica that just died answers with an error, skipped here."""
+    answers = engines().broadcast("info").results(timeout_s=60, return_exceptions=True)
+    return [a for a in answers if not isinstance(a, BaseException)]
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(f"{url}/metrics", timeout=60).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def upload(url: str, name: str, src: Path) -> httpx.Response:
+    files = {"config": ("adapter_config.json", (src / "adapter_config.json").read_bytes()),
+             "weights": ("adapter_model.safetensors", (src / "adapter_model.safetensors").read_bytes())}
+    return httpx.post(f"{url}/v1/adapters", data={"name": name}, files=files, timeout=60)
+
+
+# -- tests ----------------------------------------------------------------------------------------
+
+
+def test_base_and_adapter_equal_offline(cluster, offline):
+    for model, adapter in ((BASE, None), ("ad1", "ad1")):
+        text, _ = complete(cluster, model)
+        assert text == offline(PROMPT, adapter), model
+    # Chat, streamed: the replica's app formats it, the ingress passes the events through.
+    messages = [{"role": "user", "content": "Name a color."}]
+    prompt = offline.llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    stream = client(cluster).chat.completions.create(model="ad1", messages=messages, max_tokens=MAX_TOKENS,
+                                                     temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == offline(prompt, "ad1")
+
+
+def test_errors_are_the_apps(cluster):
+    r = httpx.post(f"{cluster}/v1/completions", json={"model": "no-such-adapter", "prompt": "x"}, timeout=60)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+    r = httpx.post(f"{cluster}/v1/completions", content=b"{not json", timeout=60)
+    assert r.status_code == 422 and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+
+
+def test_same_adapter_same_replica(cluster):
+    _, first = complete(cluster, "ad1")
+    time.sleep(1.0)  # the replica's hold on ad1 reaches the router (pushed every 0.1 s)
+    before = scrape(cluster)
+    replicas = [complete(cluster, "ad1")[1] for _ in range(6)]
+    assert replicas == [first] * 6
+    after = scrape(cluster)
+    key = ("slserve_replica_requests_total", (("replica", first),))
+    assert after[key] - before.get(key, 0.0) >= 6
+
+
+@pytest.fixture(scope="module")
+def uploaded(cluster, adapter_srcs) -> str:
+    """ad2, uploaded through the ingress."""
+    r = upload(cluster, "ad2", adapter_srcs["ad2"])
+    assert r.status_code == 201, r.text
+    return "ad2"
+
+
+def test_upload_through_the_ingress_reaches_every_replica(cluster, uploaded, offline, adapter_srcs):
+    assert complete(cluster, "ad2")[0] == offline(PROMPT, "ad2")
+    request = {"model": "ad2", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
+    answers = on_every_replica("POST", "/v1/completions", request)
+    assert len(answers) == 2
+    for replica, (status, body) in answers.items():
+        assert status == 200, (replica, body)
+        assert httpx.Response(200, content=body).json()["choices"][0]["text"] == offline(PROMPT, "ad2")
+    # A second name for the same adapter, deleted again: gone from both replicas.
+    assert upload(cluster, "ad2-copy", adapter_srcs["ad2"]).status_code == 201
+    assert upload(cluster, "ad2-copy", adapter_srcs["ad2"]).status_code == 409
+    assert httpx.delete(f"{cluster}/v1/adapters/ad2-copy", timeout=60).status_code == 200
+    for replica, (status, _) in on_every_replica("GET", "/v1/adapters/ad2-copy").items():
+        assert status == 404, replica
+
+
+def test_a_killed_replica(cluster, uploaded, offline):
+    _, victim = complete(cluster, "ad1")
+    time.sleep(1.0)
+    pid = next(i["pid"] for i in replica_infos() if i["replica"] == victim)
+    # A long request for ad1 runs on the victim when it dies.
+    outcome: dict[str, BaseException] = {}
+
+    def long_request() -> None:
+        try:
+            client(cluster).completions.create(model="ad1", prompt=PROMPT, max_tokens=2000, temperature=0,
+                                               extra_body={"ignore_eos": True})
+        except BaseException as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    running = ("slserve_num_requests_running", (("replica", victim),))
+    deadline = time.monotonic() + 60
+    while scrape(cluster).get(running, 0.0) < 1:
+        assert time.monotonic() < deadline, "the long request never ran"
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    thread.join(120)
+    err = outcome.get("error")
+    assert isinstance(err, openai.APIStatusError) and err.status_code == 503, err
+    assert err.body["code"] == "replica_died" and victim in err.body["message"]
+
+    # The service goes on answering, from the other replica, with the same output.
+    for model, adapter in ((BASE, None), ("ad1", "ad1"), ("ad2", "ad2")):
+        text, replica = complete(cluster, model)
+        assert text == offline(PROMPT, adapter) and replica != victim
+
+    # Ray Serve starts a replacement, which serves every stored adapter.
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        infos = replica_infos()
+        if len(infos) == 2 and all(i["pid"] != pid for i in infos):
+            break
+        assert time.monotonic() < deadline, infos
+        time.sleep(2)
+    request = {"model": "ad2", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
+    for replica, (status, body) in on_every_replica("POST", "/v1/completions", request).items():
+        assert status == 200 and httpx.Response(200, content=body).json()["choices"][0]["text"] == offline(
+            PROMPT, "ad2"), replica
