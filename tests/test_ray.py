@@ -185,6 +185,22 @@ def test_errors_are_the_apps(cluster):
     assert r.status_code == 422 and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
 
 
+def test_a_client_that_leaves_mid_stream_aborts_its_request(cluster):
+    """The ingress cancels the replica's generator; the replica's app sees the disconnect."""
+    body = {"model": BASE, "prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{cluster}/v1/completions", json=body, timeout=60) as r:
+        replica = r.headers[REPLICA_HEADER]
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+    running = ("slserve_num_requests_running", (("replica", replica),))
+    deadline = time.monotonic() + 30
+    while scrape(cluster).get(running, 0.0) > 0:
+        assert time.monotonic() < deadline, "the request kept running after the client left"
+        time.sleep(0.2)
+    generated = scrape(cluster)[("slserve_generation_tokens_total", (("replica", replica),))]
+    assert generated < 1000
+
+
 def test_same_adapter_same_replica(cluster):
     _, first = complete(cluster, "ad1")
     time.sleep(1.0)  # the replica's hold on ad1 reaches the router (pushed every 0.1 s)

@@ -25,7 +25,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from slserve.api.errors import APIError, error_response
+from slserve.api.errors import APIError, error_response, install_error_handlers
 from slserve.deploy.asgi import HTTPRequest, ResponseStart
 from slserve.deploy.metrics import IngressMetrics
 
@@ -42,6 +42,7 @@ _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 # The replicas' app serves /docs and /openapi.json; the ingress adds no routes of its own there.
 ingress_app = FastAPI(title="slserve ingress", docs_url=None, redoc_url=None, openapi_url=None)
+install_error_handlers(ingress_app)  # the ingress's own failures are OpenAI errors too
 
 
 @serve.ingress(ingress_app)
@@ -75,8 +76,12 @@ class Ingress:
                 return error_response(APIError(413, f"the request body is larger than the limit of "
                                                     f"{self.max_body_bytes} bytes"))
         scope = request.scope
-        forwarded = HTTPRequest(scope["method"], scope["path"], scope.get("raw_path", b""),
-                                scope["query_string"], list(scope["headers"]), bytes(body))
+        path, raw_path = scope["path"], scope.get("raw_path") or b""
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):  # deployed under a route prefix: the app's routes start at /
+            path, raw_path = path[len(root):] or "/", b""
+        forwarded = HTTPRequest(scope["method"], path, raw_path, scope["query_string"],
+                                list(scope["headers"]), bytes(body))
         adapter = await self._adapter_of(forwarded)
         handle = self.engines.options(stream=True, multiplexed_model_id=adapter or "")
         for _ in range(_ATTEMPTS):
