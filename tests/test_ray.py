@@ -11,26 +11,21 @@ shows what each one serves; the last test kills one replica's process.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
-import socket
 import threading
 import time
-from functools import cache
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import torch
-from prometheus_client.parser import text_string_to_metric_families
 
-import slserve
 from slserve.config import EngineConfig
-from slserve.model.loader import resolve_model
-from slserve.sampling_params import SamplingParams
-from tests.peft_util import make_peft_adapter
+from tests import test_server
+from tests.test_server import BASE, PROMPT, THREADS, _free_port, metric, openai_client, scrape, upload
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -46,34 +41,14 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
 ]
 
+# The peft-made adapters (ad1, ad2) and the offline reference of the single-process server's tests.
+adapter_srcs = test_server.adapter_srcs
+offline = test_server.offline
+
 ROOT = Path(__file__).resolve().parents[1]
-BASE = "SmolLM2-135M-Instruct"
-PROMPT = "Hello, my name is"
 APP = "slserve-test"
 MAX_TOKENS = 12
 STARTUP_TIMEOUT = 600
-# One torch thread per process, as in test_server.py: the replicas and this process share two cores.
-THREADS = 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def adapter_srcs(tmp_path_factory) -> dict[str, Path]:
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("peft")
-    base = AutoModelForCausalLM.from_pretrained(str(resolve_model(None)), dtype=torch.float32)
-    out = {
-        "ad1": make_peft_adapter(base, root / "ad1", r=8, targets=["q_proj", "v_proj"], seed=1),
-        "ad2": make_peft_adapter(base, root / "ad2", r=4, targets=["q_proj", "o_proj", "down_proj"], seed=2),
-    }
-    del base
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -102,33 +77,14 @@ def cluster(tmp_path_factory, adapter_srcs):
         ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def offline(adapter_srcs, tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    llm = slserve.LLM(dtype="float32", pool_bytes=128 << 20,
-                      adapter_dir=str(tmp_path_factory.mktemp("offline-adapters")))
-    for name in ("ad1", "ad2"):
-        llm.add_adapter(name, adapter_srcs[name])
-
-    @cache
-    def generate(prompt: str, adapter: str | None) -> str:
-        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
-        return llm.generate(prompt, params, adapter)[0].text
-
-    generate.llm = llm
-    yield generate
-    torch.set_num_threads(threads)
-
-
-def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+def expected(offline, prompt: str, adapter: str | None) -> str:
+    return offline(prompt, adapter, MAX_TOKENS).text
 
 
 def complete(url: str, model: str, prompt: str = PROMPT, **kwargs) -> tuple[str, str]:
     """(text, replica) of a greedy completion through the ingress."""
-    raw = client(url).completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS,
-                                                           temperature=0, **kwargs)
+    completions = openai_client(url).completions.with_raw_response
+    raw = completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, **kwargs)
     return raw.parse().choices[0].text, raw.headers[REPLICA_HEADER]
 
 
@@ -136,13 +92,17 @@ def engines():
     return serve.get_deployment_handle(ENGINE_DEPLOYMENT, APP)
 
 
-def on_every_replica(method: str, path: str, json: dict | None = None) -> dict[str, tuple[int, bytes]]:
+def on_every_replica(method: str, path: str, payload: dict | None = None) -> dict[str, tuple[int, bytes]]:
     """replica -> (status, body) of one request sent to each replica directly."""
-    body = httpx.Request("POST", "http://x", json=json).content if json is not None else b""
-    headers = [(b"content-type", b"application/json")] if json is not None else []
+    body = json.dumps(payload).encode() if payload is not None else b""
+    headers = [(b"content-type", b"application/json")] if payload is not None else []
     answers = engines().broadcast("request", HTTPRequest(method, path, headers=headers, body=body)).results(
         timeout_s=120)
     return {replica: (status, content) for replica, status, content in answers}
+
+
+def completion_text(body: bytes) -> str:
+    return json.loads(body)["choices"][0]["text"]
 
 
 def replica_infos() -> list[dict]:
@@ -151,31 +111,20 @@ def replica_infos() -> list[dict]:
     return [a for a in answers if not isinstance(a, BaseException)]
 
 
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(f"{url}/metrics", timeout=60).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def upload(url: str, name: str, src: Path) -> httpx.Response:
-    files = {"config": ("adapter_config.json", (src / "adapter_config.json").read_bytes()),
-             "weights": ("adapter_model.safetensors", (src / "adapter_model.safetensors").read_bytes())}
-    return httpx.post(f"{url}/v1/adapters", data={"name": name}, files=files, timeout=60)
-
-
 # -- tests ----------------------------------------------------------------------------------------
 
 
 def test_base_and_adapter_equal_offline(cluster, offline):
     for model, adapter in ((BASE, None), ("ad1", "ad1")):
         text, _ = complete(cluster, model)
-        assert text == offline(PROMPT, adapter), model
+        assert text == expected(offline, PROMPT, adapter), model
     # Chat, streamed: the replica's app formats it, the ingress passes the events through.
     messages = [{"role": "user", "content": "Name a color."}]
     prompt = offline.llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    stream = client(cluster).chat.completions.create(model="ad1", messages=messages, max_tokens=MAX_TOKENS,
-                                                     temperature=0, stream=True)
-    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == offline(prompt, "ad1")
+    stream = openai_client(cluster).chat.completions.create(model="ad1", messages=messages, temperature=0,
+                                                            max_tokens=MAX_TOKENS, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == expected(offline, prompt, "ad1")
 
 
 def test_errors_are_the_apps(cluster):
@@ -192,13 +141,11 @@ def test_a_client_that_leaves_mid_stream_aborts_its_request(cluster):
         replica = r.headers[REPLICA_HEADER]
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
-    running = ("slserve_num_requests_running", (("replica", replica),))
     deadline = time.monotonic() + 30
-    while scrape(cluster).get(running, 0.0) > 0:
+    while metric(scrape(cluster), "slserve_num_requests_running", replica=replica) > 0:
         assert time.monotonic() < deadline, "the request kept running after the client left"
         time.sleep(0.2)
-    generated = scrape(cluster)[("slserve_generation_tokens_total", (("replica", replica),))]
-    assert generated < 1000
+    assert metric(scrape(cluster), "slserve_generation_tokens_total", replica=replica) < 1000
 
 
 def test_same_adapter_same_replica(cluster):
@@ -208,8 +155,8 @@ def test_same_adapter_same_replica(cluster):
     replicas = [complete(cluster, "ad1")[1] for _ in range(6)]
     assert replicas == [first] * 6
     after = scrape(cluster)
-    key = ("slserve_replica_requests_total", (("replica", first),))
-    assert after[key] - before.get(key, 0.0) >= 6
+    name = "slserve_replica_requests_total"
+    assert metric(after, name, replica=first) - metric(before, name, replica=first) >= 6
 
 
 @pytest.fixture(scope="module")
@@ -221,13 +168,13 @@ def uploaded(cluster, adapter_srcs) -> str:
 
 
 def test_upload_through_the_ingress_reaches_every_replica(cluster, uploaded, offline, adapter_srcs):
-    assert complete(cluster, "ad2")[0] == offline(PROMPT, "ad2")
+    assert complete(cluster, "ad2")[0] == expected(offline, PROMPT, "ad2")
     request = {"model": "ad2", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
     answers = on_every_replica("POST", "/v1/completions", request)
     assert len(answers) == 2
     for replica, (status, body) in answers.items():
         assert status == 200, (replica, body)
-        assert httpx.Response(200, content=body).json()["choices"][0]["text"] == offline(PROMPT, "ad2")
+        assert completion_text(body) == expected(offline, PROMPT, "ad2")
     # A second name for the same adapter, deleted again: gone from both replicas.
     assert upload(cluster, "ad2-copy", adapter_srcs["ad2"]).status_code == 201
     assert upload(cluster, "ad2-copy", adapter_srcs["ad2"]).status_code == 409
@@ -245,16 +192,15 @@ def test_a_killed_replica(cluster, uploaded, offline):
 
     def long_request() -> None:
         try:
-            client(cluster).completions.create(model="ad1", prompt=PROMPT, max_tokens=2000, temperature=0,
-                                               extra_body={"ignore_eos": True})
+            openai_client(cluster).completions.create(model="ad1", prompt=PROMPT, max_tokens=2000,
+                                                      temperature=0, extra_body={"ignore_eos": True})
         except BaseException as e:
             outcome["error"] = e
 
     thread = threading.Thread(target=long_request)
     thread.start()
-    running = ("slserve_num_requests_running", (("replica", victim),))
     deadline = time.monotonic() + 60
-    while scrape(cluster).get(running, 0.0) < 1:
+    while metric(scrape(cluster), "slserve_num_requests_running", replica=victim) < 1:
         assert time.monotonic() < deadline, "the long request never ran"
         time.sleep(0.2)
     os.kill(pid, signal.SIGKILL)
@@ -266,7 +212,7 @@ def test_a_killed_replica(cluster, uploaded, offline):
     # The service goes on answering, from the other replica, with the same output.
     for model, adapter in ((BASE, None), ("ad1", "ad1"), ("ad2", "ad2")):
         text, replica = complete(cluster, model)
-        assert text == offline(PROMPT, adapter) and replica != victim
+        assert text == expected(offline, PROMPT, adapter) and replica != victim
 
     # Ray Serve starts a replacement, which serves every stored adapter.
     deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -278,5 +224,4 @@ def test_a_killed_replica(cluster, uploaded, offline):
         time.sleep(2)
     request = {"model": "ad2", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
     for replica, (status, body) in on_every_replica("POST", "/v1/completions", request).items():
-        assert status == 200 and httpx.Response(200, content=body).json()["choices"][0]["text"] == offline(
-            PROMPT, "ad2"), replica
+        assert status == 200 and completion_text(body) == expected(offline, PROMPT, "ad2"), replica

@@ -189,5 +189,8 @@ class EngineReplica:
             raise RuntimeError(self.engine.not_ready_reason())
 
     async def __del__(self) -> None:
-        await self._lifespan.__aexit__(None, None, None)
-        shutil.rmtree(self._local, ignore_errors=True)
+        # Ray Serve calls this on a graceful stop, also after a failed __init__.
+        if getattr(self, "_lifespan", None) is not None:
+            await self._lifespan.__aexit__(None, None, None)
+        if getattr(self, "_local", None) is not None:
+            shutil.rmtree(self._local, ignore_errors=True)
