@@ -167,7 +167,7 @@ def uploaded(cluster, adapter_srcs) -> str:
     return "ad2"
 
 
-def test_upload_through_the_ingress_reaches_every_replica(cluster, uploaded, offline, adapter_srcs):
+def test_upload_replace_delete_reach_every_replica(cluster, uploaded, offline, adapter_srcs):
     assert complete(cluster, "ad2")[0] == expected(offline, PROMPT, "ad2")
     request = {"model": "ad2", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
     answers = on_every_replica("POST", "/v1/completions", request)
@@ -175,11 +175,15 @@ def test_upload_through_the_ingress_reaches_every_replica(cluster, uploaded, off
     for replica, (status, body) in answers.items():
         assert status == 200, (replica, body)
         assert completion_text(body) == expected(offline, PROMPT, "ad2")
-    # A second name for the same adapter, deleted again: gone from both replicas.
-    assert upload(cluster, "ad2-copy", adapter_srcs["ad2"]).status_code == 201
-    assert upload(cluster, "ad2-copy", adapter_srcs["ad2"]).status_code == 409
-    assert httpx.delete(f"{cluster}/v1/adapters/ad2-copy", timeout=60).status_code == 200
-    for replica, (status, _) in on_every_replica("GET", "/v1/adapters/ad2-copy").items():
+    # Another name: taken (409), replaced by ad1's weights on both replicas, deleted from both.
+    assert upload(cluster, "other", adapter_srcs["ad2"]).status_code == 201
+    assert upload(cluster, "other", adapter_srcs["ad1"]).status_code == 409
+    assert upload(cluster, "other", adapter_srcs["ad1"], replace=True).status_code == 201
+    request["model"] = "other"
+    for replica, (status, body) in on_every_replica("POST", "/v1/completions", request).items():
+        assert status == 200 and completion_text(body) == expected(offline, PROMPT, "ad1"), replica
+    assert httpx.delete(f"{cluster}/v1/adapters/other", timeout=60).status_code == 200
+    for replica, (status, _) in on_every_replica("GET", "/v1/adapters/other").items():
         assert status == 404, replica
 
 
