@@ -1,4 +1,5 @@
-"""Command line: `slserve generate "prompt"` and `slserve serve`. Flags map onto EngineConfig."""
+"""Command line: `slserve generate "prompt"`, `slserve serve` and `slserve ray`. Flags map onto
+EngineConfig (and, for `ray`, RayConfig) one to one."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import sys
 
 from slserve.config import EngineConfig
+from slserve.deploy.config import ROUTING_POLICIES, RayConfig
 
 MIB = 1 << 20
 
@@ -47,7 +49,47 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
         host_cache_bytes=a.host_cache_mib * MIB, preload_adapters=a.preload_adapters,
         max_upload_bytes=a.max_upload_mib * MIB, tp=a.tp, tp_timeout=a.tp_timeout,
         kernel_backend=a.kernel_backend, threads=a.threads,
-        drain_timeout=getattr(a, "drain_timeout", EngineConfig.drain_timeout),  # `serve` only
+        drain_timeout=getattr(a, "drain_timeout", EngineConfig.drain_timeout),  # `serve` and `ray`
+    )
+
+
+def _server_args(p: argparse.ArgumentParser) -> None:
+    """What `serve` and `ray` share: where to listen, auth, the drain on stop."""
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="required as Bearer token on /v1 routes")
+    p.add_argument("--admin-key", default=None, help="required on adapter write routes")
+    p.add_argument("--drain-timeout", type=float, default=EngineConfig().drain_timeout, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long requests in flight may still run (then they end "
+                        "with a 503 error)")
+
+
+def _ray_args(p: argparse.ArgumentParser) -> None:
+    d = RayConfig()
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to deploy on (default: RAY_ADDRESS, else a cluster started with "
+                        "`ray start` on this machine, else a new local one)")
+    p.add_argument("--replicas", type=int, default=d.replicas, help="engine replicas (each one engine)")
+    p.add_argument("--replica-cpus", type=float, default=d.replica_cpus, help="Ray CPUs per replica")
+    p.add_argument("--replica-gpus", type=float, default=d.replica_gpus,
+                   help="Ray GPUs per replica (default: --tp on CUDA, else 0)")
+    p.add_argument("--ingress-cpus", type=float, default=d.ingress_cpus)
+    p.add_argument("--max-ongoing-requests", type=int, default=d.max_ongoing_requests,
+                   help="requests one replica takes at once; more wait at the ingress")
+    p.add_argument("--adapters-per-replica", type=int, default=d.adapters_per_replica,
+                   help="adapters a replica advertises to the router (Ray Serve's multiplexed-model LRU)")
+    p.add_argument("--routing", default=d.routing, choices=ROUTING_POLICIES)
+    p.add_argument("--local-adapter-root", default=None,
+                   help="where each replica keeps its copy of the adapters (default: $TMPDIR)")
+    p.add_argument("--app-name", default=d.app_name)
+
+
+def ray_config(a: argparse.Namespace) -> RayConfig:
+    return RayConfig(
+        replicas=a.replicas, replica_cpus=a.replica_cpus, replica_gpus=a.replica_gpus,
+        ingress_cpus=a.ingress_cpus, max_ongoing_requests=a.max_ongoing_requests,
+        adapters_per_replica=a.adapters_per_replica, routing=a.routing, api_key=a.api_key,
+        admin_key=a.admin_key, local_adapter_root=a.local_adapter_root, app_name=a.app_name,
     )
 
 
@@ -64,20 +106,25 @@ def main(argv: list[str] | None = None) -> int:
     _engine_args(gen)
 
     serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None, help="required as Bearer token on /v1 routes")
-    serve.add_argument("--admin-key", default=None, help="required on adapter write routes")
+    _server_args(serve)
     serve.add_argument("--log-level", default="info")
-    serve.add_argument("--drain-timeout", type=float, default=EngineConfig().drain_timeout, metavar="SECONDS",
-                       help="on SIGTERM/SIGINT, how long requests in flight may still run (then they end "
-                            "with a 503 error)")
     _engine_args(serve)
+
+    ray_cmd = sub.add_parser("ray", help="serve engine replicas behind Ray Serve, routed by adapter "
+                                     "(needs slserve[ray]); --adapter-dir is the shared adapter directory")
+    _server_args(ray_cmd)
+    _ray_args(ray_cmd)
+    _engine_args(ray_cmd)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "generate":
         return _generate(args)
+    if args.command == "ray":
+        from slserve.deploy import run
+
+        run(engine_config(args), ray_config(args), address=args.address, host=args.host, port=args.port)
+        return 0
     from slserve.api.server import run_server
 
     run_server(engine_config(args), host=args.host, port=args.port, api_key=args.api_key,

@@ -735,7 +735,7 @@ def run_server(
         if server is not None:
             server.should_exit = True
         if exc is not None:
-            _exit_soon(FATAL_EXIT_GRACE_S)
+            exit_soon(FATAL_EXIT_GRACE_S)
 
     engine.on_fatal = on_fatal
     app = create_app(engine, api_key=api_key, admin_key=admin_key, on_fatal=on_fatal)
@@ -754,7 +754,7 @@ def run_server(
 FATAL_EXIT_GRACE_S = 2.0
 
 
-def _exit_soon(delay: float) -> None:
+def exit_soon(delay: float) -> None:
     def hard_exit() -> None:
         # Raw write and _exit: no lock (a logging handler's, an executor's join at exit) may stop it.
         os.write(2, b"slserve: the engine died; exiting with status 1\n")
