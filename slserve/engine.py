@@ -97,13 +97,13 @@ class Engine:
         self.adapter_cache = DeviceAdapterCache(self.pool, cfg, self.store.get)
         self.scheduler = Scheduler(self.kv, self.adapter_cache, config.max_num_seqs,
                                    config.max_num_batched_tokens)
-        self.sampler = Sampler(config.seed)
         self.attention = attention_backend(self.backend, use_cpu_ext)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.eos_ids = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.sampler = Sampler(config.seed, self.eos_ids)
         self.counters = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0,
                          "failed_steps": 0}
         self.last_step_error: str | None = None  # "ExceptionType: message" of the last failed step
@@ -126,6 +126,7 @@ class Engine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise RequestError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
+        params.check_vocab(vocab)
         if len(ids) + params.max_tokens > self.max_model_len:
             raise RequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you "
@@ -232,7 +233,7 @@ class Engine:
         self._detokenize(req)
         if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
             req.finish_reason = "stop"
-        elif params.stop and self._check_stop_strings(req):
+        elif params.stop and req.num_output_tokens > params.min_tokens and self._check_stop_strings(req):
             req.finish_reason = "stop"
         elif req.num_output_tokens >= params.max_tokens:
             req.finish_reason = "length"
