@@ -42,7 +42,8 @@ from slserve.sampling_params import SamplingParams, SamplingParamsError
 from tests.peft_util import make_peft_adapter
 from tests.test_server import BASE, THREADS, ServerProcess, assert_error, openai_client, upload
 
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+              pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")]
 slow = pytest.mark.slow  # the tests that start a server
 
 VOCAB = 64
