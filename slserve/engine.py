@@ -104,13 +104,13 @@ class Engine:
                                                 shapes=shard.lora_shapes(cfg))
         self.scheduler = Scheduler(self.blocks, self.adapter_cache, config.max_num_seqs,
                                    config.max_num_batched_tokens)
-        self.sampler = Sampler(config.seed)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         eos_ids = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_ids = eos_ids
+        self.sampler = Sampler(config.seed, eos_ids)
         self.output_processor = OutputProcessor(self.tokenizer, eos_ids)
         self.counters = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0,
                          "failed_steps": 0}
@@ -131,6 +131,7 @@ class Engine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise RequestError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
+        params.check_vocab(vocab)
         if len(ids) + params.max_tokens > self.max_model_len:
             raise RequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you "

@@ -21,7 +21,7 @@ class OutputProcessor:
         self._detokenize(req)
         if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
             return "stop"
-        if params.stop and self._check_stop_strings(req):
+        if params.stop and req.num_output_tokens > params.min_tokens and self._check_stop_strings(req):
             return "stop"
         if req.num_output_tokens >= params.max_tokens:
             return "length"

@@ -1,4 +1,11 @@
-"""Turns a step's logits into one token per request: greedy, temperature, top-k, top-p, seeds.
+"""Turns a step's logits into one token per request: logit_bias, min_tokens, penalties, then
+greedy or temperature, min-p, top-k, top-p, seeds.
+
+The order is vLLM's: logit_bias and the min_tokens mask, then the repetition, frequency and
+presence penalties (these change the argmax, so greedy rows get them too), then for sampled rows
+temperature, min-p, top-k and top-p. Each stage runs only on the rows that ask for it, so a batch
+without these settings pays nothing for them. Logprobs are the model's, taken before any of this
+(vLLM's default).
 
 A seeded request draws its randomness from its own generator, one draw per generated token, so
 its tokens do not depend on what else is in the batch. Sampling uses the exponential race
@@ -7,6 +14,8 @@ its tokens do not depend on what else is in the batch. Sampling uses the exponen
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from slserve.outputs import TokenLogprob
@@ -14,18 +23,21 @@ from slserve.request import Request
 
 
 class Sampler:
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, eos_token_ids: Iterable[int] = ()):
         self.generator = torch.Generator().manual_seed(seed)
+        # Masked, with each request's stop_token_ids, until the request has min_tokens outputs.
+        self.eos_token_ids = sorted(set(eos_token_ids))
 
     def __call__(
         self, logits: torch.Tensor, requests: list[Request]
     ) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits: [R, vocab] float32, one row per request."""
-        tokens = logits.argmax(dim=-1)
+        processed = self._process(logits, requests)
+        tokens = processed.argmax(dim=-1)
         rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if rows:
-            idx = torch.tensor(rows)
-            tokens[idx] = self._sample(logits[idx], [requests[i] for i in rows])
+            idx = torch.tensor(rows, device=logits.device)
+            tokens[idx] = self._sample(processed[idx], [requests[i] for i in rows])
         token_list = tokens.tolist()
         logprobs: list[TokenLogprob | None] = [None] * len(requests)
         wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
@@ -42,9 +54,43 @@ class Sampler:
                 )
         return token_list, logprobs
 
+    def _process(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """logit_bias, the min_tokens mask and the penalties, on a copy (logprobs read the
+        original); `logits` itself when no request asks for any of them."""
+        vocab = logits.shape[1]
+        rows, cols, values = [], [], []
+        for i, r in enumerate(requests):
+            for token, bias in r.params.logit_bias.items():
+                rows.append(i)
+                cols.append(token)
+                values.append(bias)
+            if r.num_output_tokens < r.params.min_tokens:
+                stops = r.params.stop_token_ids if r.params.ignore_eos else [*self.eos_token_ids,
+                                                                             *r.params.stop_token_ids]
+                for token in stops:
+                    if token < vocab:  # an id outside the vocabulary can never be sampled anyway
+                        rows.append(i)
+                        cols.append(token)
+                        values.append(float("-inf"))
+        penalized = [i for i, r in enumerate(requests) if r.params.penalized]
+        if not rows and not penalized:
+            return logits
+        logits = logits.clone()
+        if rows:
+            index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+            # accumulate: -inf wins over a bias on the same token
+            logits.index_put_(index, torch.tensor(values, device=logits.device), accumulate=True)
+        if penalized:
+            idx = torch.tensor(penalized, device=logits.device)
+            logits[idx] = _apply_penalties(logits[idx], [requests[i] for i in penalized])
+        return logits
+
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         temps = torch.tensor([r.params.temperature for r in requests], dtype=logits.dtype)
         logits = _scaled_logits(logits, temps)
+        min_p = [r.params.min_p for r in requests]
+        if any(min_p):
+            logits = _filter_min_p(logits, min_p)
         vocab = logits.shape[1]
         # Python ints, clamped before they become tensors: any k >= vocab keeps every token.
         top_k = [min(r.params.top_k, vocab) for r in requests]
@@ -73,6 +119,45 @@ def _scaled_logits(logits: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
     logits = logits.nan_to_num(nan=finfo.min, posinf=finfo.max, neginf=finfo.min)
     shifted = logits - logits.amax(dim=-1, keepdim=True)
     return shifted / temps[:, None]
+
+
+def _token_counts(sequences: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[len(sequences), vocab] float32: how often each token occurs in each sequence."""
+    width = max(1, max(len(s) for s in sequences))
+    # Padding uses the extra column `vocab`, dropped at the end.
+    ids = torch.full((len(sequences), width), vocab, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    ids = ids.to(device)
+    counts = torch.zeros(len(sequences), vocab + 1, device=device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
+    return counts[:, :vocab]
+
+
+def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """vLLM's order: repetition over prompt and output (divide a positive logit, multiply a
+    negative one), then OpenAI's frequency and presence penalties over the output.
+    logits: [P, vocab], one row per request."""
+    vocab, device = logits.shape[1], logits.device
+    counts = _token_counts([r.output_token_ids for r in requests], vocab, device)  # [P, vocab]
+    seen = counts > 0
+    repetition = [r.params.repetition_penalty for r in requests]
+    if any(p != 1.0 for p in repetition):
+        in_prompt = _token_counts([r.prompt_token_ids for r in requests], vocab, device) > 0
+        penalty = torch.tensor(repetition, device=device)[:, None].expand(-1, vocab)
+        penalty = torch.where(seen | in_prompt, penalty, 1.0)
+        logits = torch.where(logits > 0, logits / penalty, logits * penalty)
+    frequency = torch.tensor([r.params.frequency_penalty for r in requests], device=device)[:, None]
+    presence = torch.tensor([r.params.presence_penalty for r in requests], device=device)[:, None]
+    return logits - frequency * counts - presence * seen
+
+
+def _filter_min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p x the row's largest (after temperature, as
+    vLLM and transformers' MinPLogitsWarper do); the most likely token always stays."""
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * torch.tensor(min_p, device=logits.device)[:, None]
+    return logits.masked_fill(probs < threshold, float("-inf"))
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

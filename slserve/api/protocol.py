@@ -6,23 +6,93 @@ Types are checked by pydantic (a wrong type is a 422); values are checked here a
 Strings are checked once, for every request body, before any field is read: a lone UTF-16
 surrogate ("\\ud800", which JSON can carry) cannot be encoded as UTF-8, so the tokenizer, a file
 path or the error message that echoes it would fail later as a 500.
-Unknown request fields are ignored. Fields marked "extra" are not in OpenAI's schema but in vLLM's.
+Every parameter of OpenAI's and vLLM's completions and chat schemas is either honoured or, when
+this server does not implement it, refused with a 400 naming it unless its value means "off"
+(`NOT_IMPLEMENTED`); fields nobody knows are ignored with a logged warning, as vLLM does. Fields
+marked "extra" are not in OpenAI's schema but in vLLM's.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 import time
-from typing import Any, Literal
+import uuid
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_serializer, model_validator
 
 from slserve.api.errors import APIError
 from slserve.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, SamplingParamsError
 
+logger = logging.getLogger(__name__)
+
 MAX_N = 128
 MAX_LOGPROBS = 20
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# Unknown field names in the warning: enough to see what a client sends, bounded for hostile ones.
+_WARN_NAMES, _WARN_NAME_CHARS = 20, 64
+
+# Known parameters this server does not implement: name -> the values that mean "off" and are
+# accepted (null always is). Any other value is a 400 naming the parameter.
+_VLLM_NOT_IMPLEMENTED: dict[str, tuple] = {
+    "use_beam_search": (False,),
+    "length_penalty": (1.0,),
+    "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,),
+    "truncate_prompt_tokens": (),
+    "allowed_token_ids": (),
+    "bad_words": ([],),
+    "prompt_logprobs": (),
+    "response_format": ({"type": "text"},),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
+    "guided_decoding_backend": (),
+    "guided_whitespace_pattern": (),
+    "structured_outputs": (),
+    "structural_tag": (),
+    "priority": (0,),
+    "logits_processors": (),
+    "return_tokens_as_token_ids": (False,),
+    "return_token_ids": (False,),
+    "cache_salt": (),
+    "kv_transfer_params": (),
+    "vllm_xargs": (),
+    "mm_processor_kwargs": (),
+}
+_COMPLETION_NOT_IMPLEMENTED = {
+    **_VLLM_NOT_IMPLEMENTED,
+    "echo": (False,),
+    "suffix": ("",),
+    "prompt_embeds": (),
+}
+_CHAT_NOT_IMPLEMENTED = {
+    **_VLLM_NOT_IMPLEMENTED,
+    # OpenAI's
+    "audio": (),
+    "function_call": ("none",),
+    "functions": ([],),
+    "modalities": (["text"],),
+    "moderation": (),
+    "prediction": (),
+    "prompt_cache_options": (),
+    "reasoning_effort": (),
+    "service_tier": ("auto", "default"),
+    "store": (False,),
+    "tools": ([],),
+    "tool_choice": ("none", "auto"),  # with no tools both mean no tool calls
+    "verbosity": (),
+    "web_search_options": (),
+    # vLLM's chat extras
+    "echo": (False,),
+    "documents": (),
+    "chat_template": (),
+    "chat_template_kwargs": ({},),
+    "include_reasoning": (True,),
+}
 
 
 def _find_lone_surrogate(value: Any, path: str) -> str | None:
@@ -54,18 +124,36 @@ class _Body(_Request):
     check raises APIError (not ValueError), which pydantic passes through unchanged, so the client
     gets a 400 naming the field instead of a 422."""
 
+    # Known fields this server does not implement (see _VLLM_NOT_IMPLEMENTED).
+    NOT_IMPLEMENTED: ClassVar[dict[str, tuple]] = {}
+
     @model_validator(mode="before")
     @classmethod
-    def _no_lone_surrogates(cls, data: Any) -> Any:
+    def _screen(cls, data: Any) -> Any:
         where = _find_lone_surrogate(data, "")
         if where is not None:
             raise APIError(400, f"{where} contains a lone UTF-16 surrogate, which is not valid Unicode text",
                            where.split(".", 1)[0] if where != "body" else None)
+        if isinstance(data, dict):
+            for name, off in cls.NOT_IMPLEMENTED.items():
+                value = data.get(name)
+                if value is not None and not any(value == v for v in off):
+                    accepted = f" or send {' or '.join(json.dumps(v) for v in off)}" if off else ""
+                    raise APIError(400, f"{name} is not supported by this server: leave it out{accepted}",
+                                   name)
+            unknown = [k for k in data if k not in cls.model_fields and k not in cls.NOT_IMPLEMENTED]
+            if unknown:
+                more = len(unknown) - _WARN_NAMES
+                logger.warning("ignored unknown fields of a %s: %s%s", cls.__name__,
+                               ", ".join(repr(k[:_WARN_NAME_CHARS]) for k in unknown[:_WARN_NAMES]),
+                               f" and {more} more" if more > 0 else "")
         return data
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # OpenAI's; refused when true
+    continuous_usage_stats: bool = False  # vLLM's; refused when true
 
 
 class _SamplingRequest(_Body):
@@ -83,34 +171,41 @@ class _SamplingRequest(_Body):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: str | None = None  # an end-user id for the caller's records; no effect here
+    min_p: float | None = None  # extra
+    repetition_penalty: float | None = None  # extra
+    min_tokens: int = 0  # extra
     ignore_eos: bool = False  # extra
     stop_token_ids: list[int] | None = None  # extra
     include_stop_str_in_output: bool = False  # extra
+    request_id: str | None = None  # extra: the response's id becomes "<kind>-<request_id>"
 
     def check_common(self) -> None:
         if not 1 <= self.n <= MAX_N:
             raise APIError(400, f"n must be between 1 and {MAX_N}, got {self.n}", "n")
-        if self.stream_options is not None and not self.stream:
-            raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise APIError(400, f"{name} is not supported", name)
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported", "logit_bias")
+        if self.stream_options is not None:
+            if not self.stream:
+                raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
+            for name in ("include_obfuscation", "continuous_usage_stats"):
+                if getattr(self.stream_options, name):
+                    raise APIError(400, f"stream_options.{name} is not supported by this server",
+                                   f"stream_options.{name}")
 
     @property
     def include_usage(self) -> bool:
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
+    def response_id(self, kind: str) -> str:
+        return f"{kind}-{self.request_id if self.request_id is not None else uuid.uuid4().hex}"
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None, vocab_size: int) -> list[SamplingParams]:
         """One SamplingParams per choice; seeded choices get seed + i so that they differ."""
         top_k = -1 if self.top_k in (None, 0) else self.top_k
         if self.seed is not None and not INT64_MIN <= self.seed <= INT64_MAX - (self.n - 1):
             message = f"seed must be in [-2**63, 2**63 - n] (choice i uses seed + i), got {self.seed}"
             raise APIError(400, message, "seed")
         try:
-            return [
+            params = [
                 SamplingParams(
                     max_tokens=max_tokens,
                     temperature=1.0 if self.temperature is None else self.temperature,
@@ -122,20 +217,28 @@ class _SamplingRequest(_Body):
                     ignore_eos=self.ignore_eos,
                     logprobs=logprobs,
                     include_stop_str_in_output=self.include_stop_str_in_output,
+                    presence_penalty=self.presence_penalty or 0.0,
+                    frequency_penalty=self.frequency_penalty or 0.0,
+                    repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                    logit_bias=self.logit_bias or {},
+                    min_p=self.min_p or 0.0,
+                    min_tokens=self.min_tokens,
                 )
                 for i in range(self.n)
             ]
+            params[0].check_vocab(vocab_size)
         except SamplingParamsError as e:
             raise APIError(400, str(e), e.param) from None
+        return params
 
 
 class CompletionRequest(_SamplingRequest):
+    NOT_IMPLEMENTED = _COMPLETION_NOT_IMPLEMENTED
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
-    echo: bool = False
-    suffix: str | None = None
     best_of: int | None = None
+    add_special_tokens: bool = True  # extra: BOS and the like when tokenizing a text prompt
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, each a string or a list of token ids."""
@@ -150,10 +253,6 @@ class CompletionRequest(_SamplingRequest):
 
     def check(self) -> None:
         self.check_common()
-        if self.echo:
-            raise APIError(400, "echo is not supported", "echo")
-        if self.suffix:
-            raise APIError(400, "suffix is not supported", "suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(400, "best_of other than n is not supported", "best_of")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
@@ -180,23 +279,42 @@ class ChatMessage(_Request):
         return {**(self.model_extra or {}), "role": self.role, "content": content or ""}
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class _ChatTemplateOptions(_Body):
+    """How messages become a prompt (vLLM's chat extras), shared by chat completions and /tokenize."""
+
     messages: list[ChatMessage]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the last (assistant) message stays open for the model to go on
+    add_special_tokens: bool = False  # on top of those the template writes
+
+    def check_template_options(self) -> None:
+        if not self.messages:
+            raise APIError(400, "messages must not be empty", "messages")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true",
+                           "continue_final_message")
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.for_template() for m in self.messages]
+
+
+class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
+    NOT_IMPLEMENTED = _CHAT_NOT_IMPLEMENTED
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
+    # Accepted with no effect here: ids and hints for OpenAI's own records and caches, and a tool
+    # option that only applies with tools (which are refused).
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    metadata: dict[str, str] | None = None
+    parallel_tool_calls: bool | None = None
 
     def check(self) -> None:
         self.check_common()
-        if not self.messages:
-            raise APIError(400, "messages must not be empty", "messages")
-        if self.tools:
-            raise APIError(400, "tools are not supported", "tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format type 'text' is supported", "response_format")
+        self.check_template_options()
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
@@ -209,6 +327,36 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeCompletionRequest(_Body):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_ChatTemplateOptions):
+    NOT_IMPLEMENTED = {k: _CHAT_NOT_IMPLEMENTED[k] for k in
+                       ("tools", "documents", "chat_template", "chat_template_kwargs", "mm_processor_kwargs")}
+    model: str | None = None
+    return_token_strs: bool = False
+
+
+def _tokenize_kind(data: Any) -> str:
+    return "chat" if isinstance(data, dict) and "messages" in data else "completion"
+
+
+# vLLM's /tokenize body: a prompt, or messages for the chat template.
+TokenizeRequest = Annotated[
+    Annotated[TokenizeChatRequest, Tag("chat")] | Annotated[TokenizeCompletionRequest, Tag("completion")],
+    Discriminator(_tokenize_kind),
+]
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
 
 
 class LoadLoRAAdapterRequest(_Body):
@@ -332,6 +480,17 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class AdapterCard(BaseModel):

@@ -4,6 +4,7 @@
     GET  /v1/models                                the base model and every adapter
     POST /v1/adapters (multipart), GET /v1/adapters[/{name}], DELETE /v1/adapters/{name}
     POST /v1/load_lora_adapter, /v1/unload_lora_adapter   vLLM's adapter routes
+    POST /tokenize, /detokenize                    vLLM's tokenizer routes
     GET  /health, /metrics                         readiness, Prometheus
 
 The event loop validates and formats; prompts are tokenized on a small worker pool (a long
@@ -24,7 +25,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -381,19 +381,31 @@ def create_app(
         """Run CPU-heavy work (tokenizing megabytes) on the tokenizer pool (see `_encode`)."""
         return await asyncio.get_running_loop().run_in_executor(tokenize_pool, fn, *args)
 
-    def tokenize_all(prompts: list[str | list[int]]) -> list[list[int]]:
+    def tokenize_all(prompts: list[str | list[int]], add_special_tokens: bool = True) -> list[list[int]]:
         tokenizer = engine.engine.tokenizer
-        return [_encode(tokenizer, x) if isinstance(x, str) else x for x in prompts]
+        return [_encode(tokenizer, x, add_special_tokens) if isinstance(x, str) else x for x in prompts]
 
-    def chat_ids(messages: list[dict]) -> list[int]:
+    def chat_ids(body: p.ChatCompletionRequest | p.TokenizeChatRequest) -> list[int]:
         tokenizer = engine.engine.tokenizer
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                body.template_messages(), tokenize=False, add_generation_prompt=body.add_generation_prompt,
+                continue_final_message=body.continue_final_message)
         except APIError:
             raise
         except Exception as e:  # a template that rejects the conversation (roles, order)
             raise APIError(400, f"the chat template failed: {e}", "messages") from None
-        return _encode(tokenizer, text, add_special_tokens=False)
+        return _encode(tokenizer, text, add_special_tokens=body.add_special_tokens)
+
+    def vocab_size() -> int:
+        return engine.engine.model_config.vocab_size
+
+    def check_model(model: str | None) -> None:
+        """404 for a `model` that names neither the base model nor an adapter, for routes that do
+        not go through the engine (which checks it itself)."""
+        adapter = adapter_of(model)
+        if adapter is not None and adapter not in engine.engine.store:
+            raise APIError(404, f"The model `{adapter}` does not exist.", "model", "model_not_found")
 
     def check_length(num_prompt_tokens: int, max_tokens: int) -> None:
         """The engine's context-length check, done here so that a prompt of a million tokens is
@@ -443,13 +455,13 @@ def create_app(
         t0 = time.perf_counter()
         body.check()
         adapter = adapter_of(body.model)
-        prompts = await off_loop(tokenize_all, body.prompts())
+        prompts = await off_loop(tokenize_all, body.prompts(), body.add_special_tokens)
         max_model_len = engine.engine.max_model_len
-        rid = f"cmpl-{uuid.uuid4().hex}"
+        rid = body.response_id("cmpl")
         items = []
         for i, ids in enumerate(prompts):
             max_tokens = body.max_tokens if body.max_tokens is not None else max(1, max_model_len - len(ids))
-            for j, params in enumerate(body.sampling_params(max_tokens, body.logprobs)):
+            for j, params in enumerate(body.sampling_params(max_tokens, body.logprobs, vocab_size())):
                 items.append(GenerateItem(f"{rid}-{i}-{j}", ids, params, adapter))
             check_length(len(ids), max_tokens)
         model = body.model or base_name()
@@ -528,7 +540,7 @@ def create_app(
         body.check()
         adapter = adapter_of(body.model)
         tokenizer = engine.engine.tokenizer
-        ids = await off_loop(chat_ids, [m.for_template() for m in body.messages])
+        ids = await off_loop(chat_ids, body)
         max_model_len = engine.engine.max_model_len
         max_tokens = body.requested_max_tokens()
         if max_tokens is None:
@@ -536,9 +548,9 @@ def create_app(
                 raise APIError(400, f"This model's maximum context length is {max_model_len} tokens; "
                                f"the messages take {len(ids)}.", "messages")
             max_tokens = max_model_len - len(ids)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        items = [GenerateItem(f"{rid}-{j}", ids, params, adapter)
-                 for j, params in enumerate(body.sampling_params(max_tokens, body.engine_logprobs))]
+        rid = body.response_id("chatcmpl")
+        params = body.sampling_params(max_tokens, body.engine_logprobs, vocab_size())
+        items = [GenerateItem(f"{rid}-{j}", ids, sp, adapter) for j, sp in enumerate(params)]
         check_length(len(ids), max_tokens)
         model = body.model or base_name()
         stream = await engine.submit(items)
@@ -604,6 +616,30 @@ def create_app(
             err = to_api_error(e)
             yield _sse(json.dumps(error_body(err.status, err.message, err.param, err.code)))
         yield _SSE_DONE
+
+    # -- vLLM's tokenizer routes -----------------------------------------------------------------
+    @app.post("/tokenize", dependencies=[user])
+    async def tokenize(body: p.TokenizeRequest) -> p.TokenizeResponse:
+        check_model(body.model)
+        if isinstance(body, p.TokenizeChatRequest):
+            body.check_template_options()
+            ids = await off_loop(chat_ids, body)
+        else:
+            ids = (await off_loop(tokenize_all, [body.prompt], body.add_special_tokens))[0]
+        strs = None
+        if body.return_token_strs:
+            strs = engine.engine.tokenizer.convert_ids_to_tokens(ids)
+        return p.TokenizeResponse(count=len(ids), max_model_len=engine.engine.max_model_len, tokens=ids,
+                                  token_strs=strs)
+
+    @app.post("/detokenize", dependencies=[user])
+    async def detokenize(body: p.DetokenizeRequest) -> p.DetokenizeResponse:
+        check_model(body.model)
+        vocab = vocab_size()
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise APIError(400, f"tokens must be token ids in [0, {vocab})", "tokens")
+        text = await off_loop(engine.engine.tokenizer.decode, body.tokens)
+        return p.DetokenizeResponse(prompt=text)
 
     # -- adapters ---------------------------------------------------------------------------------
     async def adapter_cards(names: list[str] | None = None) -> list[p.AdapterCard]:
