@@ -25,14 +25,13 @@ from slserve.adapters.lora import describe_foreign_key, refuse_unsupported_field
 from slserve.adapters.norms import take_saved_norms
 from slserve.adapters.targets import (
     BLOCK_OF,
-    TARGET_MODULES,
     TargetSpec,
     group_module_tensors,
     param_key_pattern,
     require_params,
     where,
 )
-from slserve.adapters.weights import WEIGHTS_FILE, LoRAAdapter, LoRAWeights, adapter_error, tensor_bytes
+from slserve.adapters.weights import WEIGHTS_FILE, LoRAAdapter, LoRAWeights, adapter_error, build_adapter
 from slserve.config import ModelConfig
 
 _TRIPLET = ("lora_A", "lora_E", "lora_B")
@@ -64,7 +63,6 @@ def convert_adalora(config: dict, tensors: dict[str, torch.Tensor], model: Model
     bound = max_gain(model)
 
     modules: dict[tuple[int, str], LoRAWeights] = {}
-    ranks: dict[str, int] = {}
     present: set[str] = set()
     for (layer, module), (path, found) in sorted(groups.items()):
         at = where(layer, module)
@@ -80,11 +78,10 @@ def convert_adalora(config: dict, tensors: dict[str, torch.Tensor], model: Model
         if not bool(keep.any()):
             continue  # pruned to rank 0: the module adds nothing
         a, b = (a * e)[keep].contiguous(), b[:, keep].contiguous()
-        served_r = check_pair(a, b, shapes[module], max_rank, at, name)
+        check_pair(a, b, shapes[module], max_rank, at, name)
         scale = (alpha if alpha > 0 else r) / (ranknum + _RANKNUM_EPS)
         check_gain(a, b, scale, bound, at, name)
         modules[(layer, module)] = LoRAWeights(a=a, b=b, scale=float(scale))
-        ranks[module] = max(ranks.get(module, 0), served_r)
 
     if not present:
         raise adapter_error(name, f"{WEIGHTS_FILE} contains no AdaLoRA tensors (missing tensors)")
@@ -93,17 +90,7 @@ def convert_adalora(config: dict, tensors: dict[str, torch.Tensor], model: Model
             name, "every AdaLoRA triplet has lora_E = 0 (pruned or never trained); the adapter does nothing"
         )
     spec.check_all_present(present)
-    return LoRAAdapter(
-        name=name,
-        modules=modules,
-        target_modules=tuple(m for m in TARGET_MODULES if m in present),
-        ranks=ranks,
-        nbytes=tensor_bytes(*(t for w in modules.values() for t in (w.a, w.b)), *norms.values(), final_norm),
-        config=config,
-        kind="ADALORA",
-        norms=norms,
-        final_norm=final_norm,
-    )
+    return build_adapter(name, config, "ADALORA", modules, present, norms=norms, final_norm=final_norm)
 
 
 def _rank_masks(fields: ConfigFields, spec: TargetSpec, init_r: int) -> dict[str, list[bool]]:

@@ -62,10 +62,11 @@ class ConfigFields:
         return value
 
     def equal(self, key: str, expected: Any, why: str) -> None:
-        """Refuse a present field whose value is not `expected` (absent is fine)."""
+        """Refuse a present field whose value is not `expected` (absent is fine); `why` says whose
+        value `expected` is, e.g. "the base model's layer count is"."""
         value = self.config.get(key, _MISSING)
         if value is not _MISSING and value != expected:
-            raise self.bad(f"{key} is {value!r} but {why} needs {expected!r}")
+            raise self.bad(f"{key} is {value!r}, but {why} {expected!r}")
 
     def str_or_list(self, key: str, required: bool) -> str | list[str] | None:
         value = self.config.get(key)

@@ -17,14 +17,13 @@ from slserve.adapters.checks import check_scale_bound, check_shape, max_gain, to
 from slserve.adapters.fields import ConfigFields
 from slserve.adapters.norms import take_saved_norms
 from slserve.adapters.targets import (
-    TARGET_MODULES,
     TargetSpec,
     group_module_tensors,
     param_key_pattern,
     require_params,
     where,
 )
-from slserve.adapters.weights import WEIGHTS_FILE, LoRAAdapter, OutputScale, adapter_error, tensor_bytes
+from slserve.adapters.weights import WEIGHTS_FILE, LoRAAdapter, OutputScale, adapter_error, build_adapter
 from slserve.config import ModelConfig
 
 _KEYS = param_key_pattern({"ia3_l": r"(?:\.[^.]+)?"})
@@ -73,18 +72,7 @@ def convert_ia3(config: dict, tensors: dict[str, torch.Tensor], model: ModelConf
     output_scales = {
         key: OutputScale(vector=v, scales_bias=True, weight_norm=False) for key, v in sorted(scales.items())
     }
-    return LoRAAdapter(
-        name=name,
-        modules={},
-        target_modules=tuple(m for m in TARGET_MODULES if m in present),
-        ranks={},
-        nbytes=tensor_bytes(*scales.values(), *norms.values(), final_norm),
-        config=config,
-        kind="IA3",
-        output_scales=output_scales,
-        norms=norms,
-        final_norm=final_norm,
-    )
+    return build_adapter(name, config, "IA3", {}, present, output_scales, norms, final_norm=final_norm)
 
 
 def _is_feedforward(feedforward: str | list[str], key: str) -> bool:

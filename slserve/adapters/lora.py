@@ -20,7 +20,6 @@ from slserve.adapters.checks import check_gain, check_pair, check_shape, max_gai
 from slserve.adapters.fields import ConfigFields, is_int, is_number
 from slserve.adapters.norms import take_saved_norms
 from slserve.adapters.targets import (
-    TARGET_MODULES,
     TargetSpec,
     group_module_tensors,
     param_key_pattern,
@@ -33,7 +32,7 @@ from slserve.adapters.weights import (
     LoRAWeights,
     OutputScale,
     adapter_error,
-    tensor_bytes,
+    build_adapter,
 )
 from slserve.config import ModelConfig
 
@@ -161,7 +160,6 @@ def _convert(config: dict, tensors: dict[str, torch.Tensor], model: ModelConfig,
 
     modules: dict[tuple[int, str], LoRAWeights] = {}
     output_scales: dict[tuple[int, str], OutputScale] = {}
-    ranks: dict[str, int] = {}
     for (layer, module), (path, found) in sorted(groups.items()):
         at = where(layer, module)
         a, b = require_params(found, _PAIR, at, name)
@@ -176,7 +174,6 @@ def _convert(config: dict, tensors: dict[str, torch.Tensor], model: ModelConfig,
         scale = spec.scale(r, alpha)
         check_gain(a, b, scale, bound, at, name)
         modules[(layer, module)] = LoRAWeights(a=a, b=b, scale=float(scale))
-        ranks[module] = max(ranks.get(module, 0), r)
         if dora:
             (m,) = require_params(found, ("lora_magnitude_vector",), at + " (DoRA)", name)
             check_shape(m, (shapes[module][1],), f"{at}.lora_magnitude_vector (DoRA)", name)
@@ -185,22 +182,7 @@ def _convert(config: dict, tensors: dict[str, torch.Tensor], model: ModelConfig,
 
     if not modules:
         raise adapter_error(name, f"{WEIGHTS_FILE} contains no LoRA tensors (missing tensors)")
-    spec.targets.check_all_present(set(ranks))
-    nbytes = tensor_bytes(
-        *(t for w in modules.values() for t in (w.a, w.b)),
-        *(s.vector for s in output_scales.values()),
-        *norms.values(),
-        final_norm,
-    )
-    return LoRAAdapter(
-        name=name,
-        modules=modules,
-        target_modules=tuple(m for m in TARGET_MODULES if m in ranks),
-        ranks=ranks,
-        nbytes=nbytes,
-        config=config,
-        kind="DORA" if dora else "LORA",
-        output_scales=output_scales,
-        norms=norms,
-        final_norm=final_norm,
-    )
+    adapted = {m for _, m in modules}
+    spec.targets.check_all_present(adapted)
+    return build_adapter(name, config, "DORA" if dora else "LORA", modules, adapted, output_scales, norms,
+                         final_norm=final_norm)

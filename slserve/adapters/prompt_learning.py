@@ -15,7 +15,7 @@ import torch
 
 from slserve.adapters.checks import check_shape, to_float32
 from slserve.adapters.fields import ConfigFields
-from slserve.adapters.weights import WEIGHTS_FILE, LoRAAdapter, adapter_error, tensor_bytes
+from slserve.adapters.weights import WEIGHTS_FILE, LoRAAdapter, adapter_error, build_adapter
 from slserve.config import ModelConfig
 
 _TENSOR = "prompt_embeddings"
@@ -37,29 +37,29 @@ def convert_prefix_tuning(config: dict, tensors: dict[str, torch.Tensor], model:
     n = _common_fields(fields, model)
     kv_dim = model.num_kv_heads * model.head_dim
     # PEFT sets these from the base model (GQA: key/value heads); a mismatch means another base.
-    fields.equal("num_attention_heads", model.num_kv_heads, "the base model's key/value head count")
-    fields.equal("token_dim", kv_dim, "the base model's key/value width (kv_heads * head_dim)")
+    fields.equal("num_attention_heads", model.num_kv_heads, "the base model's key/value head count is")
+    fields.equal("token_dim", kv_dim, "the base model's key/value width (kv_heads * head_dim) is")
     emb = _embeddings(tensors, (n, model.num_layers * 2 * kv_dim), name)
     # prefix_kv: [layers, 2, n, kv_heads, head_dim]
     kv = emb.view(n, model.num_layers, 2, model.num_kv_heads, model.head_dim)
     kv = kv.permute(1, 2, 0, 3, 4).contiguous()
-    return _adapter(config, name, "PREFIX_TUNING", prefix_kv=kv)
+    return build_adapter(name, config, "PREFIX_TUNING", {}, set(), prefix_kv=kv)
 
 
 def _virtual_tokens(config: dict, tensors: dict[str, torch.Tensor], model: ModelConfig, name: str,
                     kind: str) -> LoRAAdapter:
     fields = ConfigFields(config, name)
     n = _common_fields(fields, model)
-    fields.equal("token_dim", model.hidden_size, "the base model's hidden size")
+    fields.equal("token_dim", model.hidden_size, "the base model's hidden size is")
     emb = _embeddings(tensors, (n, model.hidden_size), name)
-    return _adapter(config, name, kind, virtual_tokens=emb)
+    return build_adapter(name, config, kind, {}, set(), virtual_tokens=emb)
 
 
 def _common_fields(fields: ConfigFields, model: ModelConfig) -> int:
     """The number of virtual tokens, after checking the fields every prompt-learning kind shares."""
-    fields.equal("task_type", "CAUSAL_LM", "a decoder-only model")
-    fields.equal("num_transformer_submodules", 1, "a decoder-only model")
-    fields.equal("num_layers", model.num_layers, "the base model's layer count")
+    fields.equal("task_type", "CAUSAL_LM", "a decoder-only model needs")
+    fields.equal("num_transformer_submodules", 1, "a decoder-only model needs")
+    fields.equal("num_layers", model.num_layers, "the base model's layer count is")
     if fields.get("modules_to_save"):
         raise fields.bad("modules_to_save is not supported with prompt-learning adapters")
     return fields.positive_int("num_virtual_tokens", None)
@@ -74,18 +74,3 @@ def _embeddings(tensors: dict[str, torch.Tensor], shape: tuple[int, int], name: 
     emb = tensors[_TENSOR]
     check_shape(emb, shape, _TENSOR, name)
     return to_float32(emb, _TENSOR, name)
-
-
-def _adapter(config: dict, name: str, kind: str, virtual_tokens: torch.Tensor | None = None,
-             prefix_kv: torch.Tensor | None = None) -> LoRAAdapter:
-    return LoRAAdapter(
-        name=name,
-        modules={},
-        target_modules=(),
-        ranks={},
-        nbytes=tensor_bytes(virtual_tokens, prefix_kv),
-        config=config,
-        kind=kind,
-        virtual_tokens=virtual_tokens,
-        prefix_kv=prefix_kv,
-    )

@@ -13,28 +13,9 @@ from collections.abc import Callable
 import torch
 
 from slserve.adapters.fields import ConfigFields, is_int
-from slserve.adapters.weights import CONFIG_FILE, WEIGHTS_FILE, adapter_error
+from slserve.adapters.weights import BLOCK_OF, CONFIG_FILE, TARGET_MODULES, WEIGHTS_FILE, adapter_error
 from slserve.config import ModelConfig
 
-# The linear modules the server adapts, in layer order, with the block each lives in.
-TARGET_MODULES: tuple[str, ...] = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
-BLOCK_OF: dict[str, str] = {
-    "q_proj": "self_attn",
-    "k_proj": "self_attn",
-    "v_proj": "self_attn",
-    "o_proj": "self_attn",
-    "gate_proj": "mlp",
-    "up_proj": "mlp",
-    "down_proj": "mlp",
-}
 # Modules of a Llama model that a config may name but the server does not adapt; listing them
 # lets a regex target_modules be checked against the whole model, not only the supported part.
 TOP_KEYS = ("model.embed_tokens", "lm_head", "model.norm", "model.rotary_emb")

@@ -20,14 +20,13 @@ from slserve.adapters.fields import ConfigFields
 from slserve.adapters.lora import describe_foreign_key
 from slserve.adapters.norms import take_saved_norms
 from slserve.adapters.targets import (
-    TARGET_MODULES,
     TargetSpec,
     group_module_tensors,
     param_key_pattern,
     require_params,
     where,
 )
-from slserve.adapters.weights import WEIGHTS_FILE, LoRAAdapter, LoRAWeights, adapter_error, tensor_bytes
+from slserve.adapters.weights import WEIGHTS_FILE, LoRAAdapter, LoRAWeights, adapter_error, build_adapter
 from slserve.config import ModelConfig
 
 _LAMBDAS = ("vera_lambda_d", "vera_lambda_b")
@@ -56,7 +55,6 @@ def convert_vera(config: dict, tensors: dict[str, torch.Tensor], model: ModelCon
     bound = max_gain(model)
 
     modules: dict[tuple[int, str], LoRAWeights] = {}
-    ranks: dict[str, int] = {}
     for (layer, module), (_, found) in sorted(groups.items()):
         at = where(layer, module)
         in_features, out_features = shapes[module]
@@ -70,22 +68,12 @@ def convert_vera(config: dict, tensors: dict[str, torch.Tensor], model: ModelCon
         check_pair(a, b, shapes[module], max_rank, at, name, names=("vera_A", "vera_B"))
         check_gain(a, b, 1.0, bound, at, name)
         modules[(layer, module)] = LoRAWeights(a=a, b=b, scale=1.0)
-        ranks[module] = r
 
     if not modules:
         raise adapter_error(name, f"{WEIGHTS_FILE} contains no VeRA vectors (missing tensors)")
-    spec.check_all_present(set(ranks))
-    return LoRAAdapter(
-        name=name,
-        modules=modules,
-        target_modules=tuple(m for m in TARGET_MODULES if m in ranks),
-        ranks=ranks,
-        nbytes=tensor_bytes(*(t for w in modules.values() for t in (w.a, w.b)), *norms.values(), final_norm),
-        config=config,
-        kind="VERA",
-        norms=norms,
-        final_norm=final_norm,
-    )
+    adapted = {m for _, m in modules}
+    spec.check_all_present(adapted)
+    return build_adapter(name, config, "VERA", modules, adapted, norms=norms, final_norm=final_norm)
 
 
 def _take_projection(tensors: dict[str, torch.Tensor], projection: str, name: str) -> torch.Tensor:

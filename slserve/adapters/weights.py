@@ -23,6 +23,26 @@ import torch
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
+# The linear modules the server adapts, in layer order, with the block each lives in.
+TARGET_MODULES: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+BLOCK_OF: dict[str, str] = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
+
 # Parts of the normalised set, as named in messages.
 PART_NAMES: dict[str, str] = {
     "modules": "low-rank pairs",
@@ -105,3 +125,40 @@ class LoRAAdapter:
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def build_adapter(
+    name: str,
+    config: dict,
+    kind: str,
+    modules: dict[tuple[int, str], LoRAWeights],
+    adapted: set[str],
+    output_scales: dict[tuple[int, str], OutputScale] | None = None,
+    norms: dict[tuple[int, str], torch.Tensor] | None = None,
+    **tensors: torch.Tensor | None,
+) -> LoRAAdapter:
+    """The normalised set of a converted adapter, its ranks and byte count derived from its parts;
+    `adapted` names the modules the adapter adapts, `tensors` the optional tensor parts
+    (virtual_tokens, prefix_kv, final_norm)."""
+    ranks: dict[str, int] = {}
+    for (_, module), w in modules.items():
+        ranks[module] = max(ranks.get(module, 0), w.rank)
+    output_scales, norms = output_scales or {}, norms or {}
+    nbytes = tensor_bytes(
+        *(t for w in modules.values() for t in (w.a, w.b)),
+        *(s.vector for s in output_scales.values()),
+        *norms.values(),
+        *tensors.values(),
+    )
+    return LoRAAdapter(
+        name=name,
+        modules=modules,
+        target_modules=tuple(m for m in TARGET_MODULES if m in adapted),
+        ranks=ranks,
+        nbytes=nbytes,
+        config=config,
+        kind=kind,
+        output_scales=output_scales,
+        norms=norms,
+        **tensors,
+    )
