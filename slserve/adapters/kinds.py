@@ -92,8 +92,8 @@ def require_served_kind(kind: Kind, name: str) -> None:
     if not kind.served:
         raise adapter_error(
             name,
-            f"{CONFIG_FILE}: {kind.selector} is not supported yet: {kind.what} adapters are validated but "
-            f"not served yet (served kinds: {', '.join(served_kinds())})",
+            f"{CONFIG_FILE}: {kind.selector} is not supported yet: {kind.what} adapters are not served yet "
+            f"(served kinds: {', '.join(served_kinds())})",
         )
 
 
