@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,19 +22,39 @@ def make_peft_adapter(
     **lora_kwargs,
 ) -> Path:
     """Attach a fresh LoRA to `base`, give lora_B nonzero values, save it, and detach it again."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     cfg = LoraConfig(r=r, lora_alpha=alpha or 2 * r, target_modules=targets, lora_dropout=0.0, **lora_kwargs)
+    return make_peft_kind_adapter(base, path, cfg, seed, {"lora_A": 0.1, "lora_B": std})
+
+
+def make_peft_kind_adapter(
+    base,
+    path: Path,
+    config,
+    seed: int,
+    std: dict[str, float],
+    edit: Callable[[object], None] | None = None,
+) -> Path:
+    """Attach a fresh adapter of any PEFT kind (`config`, a PeftConfig) to `base`, fill every
+    parameter whose name contains a key of `std` with N(0, std[key]) values, let `edit` change the
+    peft model (e.g. prune AdaLoRA triplets), save it, and detach it again."""
+    from peft import get_peft_model
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = get_peft_model(base, cfg)
+        model = get_peft_model(base, config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * (std if "lora_B" in name else 0.1))
+            key = next((k for k in std if k in name), None)
+            if key is not None:
+                p.copy_(torch.randn(p.shape, generator=g) * std[key])
+        if edit is not None:
+            edit(model)
     model.save_pretrained(str(path))
-    model.unload()
+    if not config.is_prompt_learning:  # prompt learning leaves the base model's modules alone
+        model.unload()
     return path
 
 

@@ -475,6 +475,10 @@ class ModelCard(BaseModel):
     root: str
     parent: str | None = None
     max_model_len: int | None = None
+    # Adapters only, once parsed: the PEFT kind, rank per target module, target modules.
+    kind: str | None = None
+    ranks: dict[str, int] | None = None
+    target_modules: list[str] | None = None
 
 
 class ModelList(BaseModel):
@@ -500,6 +504,7 @@ class AdapterCard(BaseModel):
     owned_by: str = "slserve"
     parent: str
     size_bytes: int
+    kind: str | None  # the PEFT kind (LORA, ADALORA, VERA); None until the adapter was first parsed
     ranks: dict[str, int] | None  # per target module; None until the adapter was first parsed
     target_modules: list[str] | None
     resident: Literal["disk", "host", "device"]

@@ -446,7 +446,10 @@ def create_app(
         created = int(engine.started_at)
         cards = [p.ModelCard(id=base, created=created, root=cfg.model or base,
                              max_model_len=engine.engine.max_model_len)]
-        cards += [p.ModelCard(id=i.name, created=int(i.created), root=i.name, parent=base) for i in infos]
+        cards += [p.ModelCard(id=i.name, created=int(i.created), root=i.name, parent=base, kind=i.kind,
+                              ranks=i.ranks,
+                              target_modules=list(i.target_modules) if i.target_modules else None)
+                  for i in infos]
         return p.ModelList(data=cards)
 
     # -- completions ------------------------------------------------------------------------------
@@ -646,7 +649,7 @@ def create_app(
         base = base_name()
         return [
             p.AdapterCard(id=info.name, created=int(info.created), parent=base, size_bytes=info.size_bytes,
-                          ranks=info.ranks, resident=tier,
+                          kind=info.kind, ranks=info.ranks, resident=tier,
                           target_modules=list(info.target_modules) if info.target_modules else None)
             for info, tier in await engine.adapter_infos(names)
         ]

@@ -82,6 +82,7 @@ class AdapterInfo:
     size_bytes: int  # on disk
     ranks: dict[str, int] | None  # None until the adapter has been parsed once
     target_modules: tuple[str, ...] | None
+    kind: str | None = None  # adapters.kinds.KINDS key; None until parsed
 
 
 @dataclass
@@ -91,6 +92,7 @@ class _DiskEntry:
     version: int  # unique per write, so a load can tell that the adapter changed under it
     ranks: dict[str, int] | None = None
     target_modules: tuple[str, ...] | None = None
+    kind: str | None = None
 
 
 class AdapterStore:
@@ -181,6 +183,7 @@ class AdapterStore:
                 size_bytes=e.size_bytes,
                 ranks=dict(e.ranks) if e.ranks is not None else None,
                 target_modules=e.target_modules,
+                kind=e.kind,
             )
 
     def is_cached(self, name: str) -> bool:
@@ -315,6 +318,7 @@ class AdapterStore:
     def _note_parsed(entry: _DiskEntry, adapter: LoRAAdapter) -> None:
         entry.ranks = dict(adapter.ranks)
         entry.target_modules = adapter.target_modules
+        entry.kind = adapter.kind
 
     # -- disk tier -----------------------------------------------------------------------------
 
@@ -355,7 +359,8 @@ class AdapterStore:
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         logger.info("stored adapter %r (%d bytes, ranks %s)", name, entry.size_bytes, entry.ranks)
-        return AdapterInfo(name, entry.created, entry.size_bytes, dict(adapter.ranks), adapter.target_modules)
+        return AdapterInfo(name, entry.created, entry.size_bytes, dict(adapter.ranks), adapter.target_modules,
+                           adapter.kind)
 
     def _swap_in(self, tmp: Path, final: Path, name: str) -> Path | None:
         """Rename tmp to final; an existing final is moved aside first and returned for deletion."""
