@@ -276,8 +276,9 @@ class AsyncEngine:
         self._ready.set()
         self._done.set()
         engine = self._engine
-        if engine.workers is not None:  # a worker lost while idle wakes the loop, which then dies
-            engine.workers.on_failure = lambda exc: self._commands.put(("fatal", exc))
+        workers = getattr(engine, "workers", None)  # tensor-parallel workers (tp.py), if any
+        if workers is not None:  # a worker lost while idle wakes the loop, which then dies
+            workers.on_failure = lambda exc: self._commands.put(("fatal", exc))
         logger.info("engine ready: %s", engine.model_name)
         stepped = False  # since the engine was last idle
         try:
