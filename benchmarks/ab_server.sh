@@ -33,7 +33,7 @@ print(f"{sys.argv[2]:>4}  output tok/s {s['output_token_throughput']:.1f}  done 
 PY
 }
 
-for r in $(seq "$ROUNDS"); do
+for r in $(seq "${FIRST:-1}" "$ROUNDS"); do
   run "a$r" "$TREE"      # A: $REV
   run "b$r" "$PWD"       # B: the working tree
 done
