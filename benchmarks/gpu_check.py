@@ -28,31 +28,12 @@ from bench_json import write_json
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from peft_util import ALL_TARGETS, make_peft_adapter, peft_generate  # noqa: E402
+from tiny_llama import write_tiny_llama  # noqa: E402
 
 from slserve import LLM, SamplingParams  # noqa: E402
 
 TARGET_SETS = (ALL_TARGETS, ["q_proj", "v_proj"], ["o_proj", "down_proj", "up_proj"], ["k_proj", "gate_proj"])
 RANKS = (8, 16, 32, 64)
-
-
-def build_model(root: Path, tokenizer_dir: Path, hidden: int, layers: int, inter: int) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter,
-                      num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
-                      max_position_embeddings=4096, tie_word_embeddings=True,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # a wider spread of logits than the default init: fewer near-ties
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.05)
-    d = root / "model"
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -138,7 +119,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model_dir = build_model(root, args.tokenizer, args.hidden, args.layers, args.intermediate)
+        model_dir = write_tiny_llama(root, hidden=args.hidden, layers=args.layers, inter=args.intermediate,
+                                     tokenizer_dir=args.tokenizer, std=0.05, tie=True, max_positions=4096)
         from transformers import LlamaForCausalLM
 
         base = LlamaForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
