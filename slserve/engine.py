@@ -176,9 +176,10 @@ class Engine:
         )
         if not sched.scheduled:
             return outputs
-        plan, sample = build_plan(sched.scheduled, self.config.page_tokens)
-        plan.adapter_commands = self.adapter_cache.take_commands()
+        plan = None
         try:
+            plan, sample = build_plan(sched.scheduled, self.config.page_tokens)
+            plan.adapter_commands = self.adapter_cache.take_commands()
             logits = self._execute(plan)
             self.scheduler.advance(sched.scheduled)
             sampled = []
