@@ -30,16 +30,17 @@ class LoRABatch:
     """Torch path. `op` is the C++ loop (kernels/cpu_ext.py) when it could be built, else the
     same loop runs in Python (kernels/lora.py:apply_lora). Each call hands the op the segments'
     slot-table rows for one (layer, group): views sliced here once per step, not per call.
-    `comm`/`columns`: under TP, the collectives and this rank's columns of a row-parallel output."""
+    `comm`/`hidden_columns`: under TP, the collectives and this rank's columns of a row-parallel
+    output."""
 
     def __init__(self, bounds: list[tuple[int, int]], tables: list[torch.Tensor], pool_flat: torch.Tensor,
-                 op=None, comm: Collectives | None = None, columns: range | None = None):
+                 op=None, comm: Collectives | None = None, hidden_columns: range | None = None):
         self.op = op or apply_lora
         self.pool = pool_flat
         self.bounds = torch.tensor(bounds, dtype=torch.int64)
         self.slots = [layer.unbind(0) for layer in stacked_slots(tables).unbind(0)]
         self.comm = comm if comm is not None and comm.shard.parallel else None
-        self.columns = columns
+        self.hidden_columns = hidden_columns
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, group: str) -> None:
         rows = self.slots[layer][GROUP_INDEX[group]]
@@ -61,7 +62,7 @@ class LoRABatch:
                 a = pool[a_off : a_off + rank * in_f].view(rank, in_f)
                 torch.mm(x[s0:s1], a.t(), out=h[s0:s1, :rank])
         self.comm.all_reduce(h)
-        out = y[:, self.columns.start : self.columns.stop]
+        out = y[:, self.hidden_columns.start : self.hidden_columns.stop]
         for (s0, s1), row in segs:
             if row[1]:
                 b_off, r, out_f, h0, y0 = row[4:9]
