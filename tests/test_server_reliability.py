@@ -122,7 +122,9 @@ def test_metrics_labels_stay_bounded(steady):
         for i in range(200):
             method = "X" + token(rng.randint(2, 12)).upper()
             path = f"/{token(12)}/{token(8)}" if i % 2 else f"/v1/adapters/{token(10)}"
-            assert client.request(method, f"{url}{path}").status_code in (404, 405)
+            # 400: uvicorn's httptools parser (installed with uvicorn[standard], e.g. by ray[serve])
+            # refuses methods it does not know before the app sees them; h11 passes them on.
+            assert client.request(method, f"{url}{path}").status_code in (400, 404, 405)
         for _ in range(50):
             assert_error(client.get(f"{url}/{token(16)}?{token(4)}={token(4)}"), 404)
     after = _request_series(url)
@@ -130,9 +132,21 @@ def test_metrics_labels_stay_bounded(steady):
     expected = {("unmatched", "other", "404"), ("/v1/adapters/{name}", "other", "405"),
                 ("unmatched", "GET", "404")}
     assert after - before <= expected, sorted(after - before)
-    assert expected <= after
+    assert ("unmatched", "GET", "404") in after
     methods = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"}
     assert {m for _, m, _ in after} <= methods
+
+
+def test_method_label_is_bounded():
+    """What the app labels a request's method, whichever HTTP parser let the method through."""
+    from slserve.api.metrics import method_label
+
+    rng = random.Random(7)
+    for _ in range(200):
+        method = "X" + "".join(rng.choices(string.ascii_uppercase, k=rng.randint(1, 12)))
+        assert method_label({"method": method}) == "other"
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+        assert method_label({"method": method}) == method
 
 
 # -- defect 7: graceful stop --------------------------------------------------------------------
