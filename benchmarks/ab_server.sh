@@ -4,6 +4,7 @@
 # adapters), alternating A, B, A, B... so that both see the same machine.
 #   python benchmarks/make_adapters.py -n 100 --ranks 8,16,32,64 --out /tmp/ad100   (once)
 #   bash benchmarks/ab_server.sh REV [ROUNDS]      e.g. bash benchmarks/ab_server.sh 4b6dee9 2
+#   FIRST=3 bash benchmarks/ab_server.sh REV 4     adds rounds 3 and 4 to an earlier run
 # Writes benchmarks/results/ab-<rev>-{a,b}<round>.json and prints the output tok/s of each run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
