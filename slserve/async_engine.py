@@ -33,6 +33,7 @@ from slserve.memory.host_malloc import release_free_memory
 from slserve.outputs import StepOutput
 from slserve.request import Request, Status
 from slserve.sampling_params import SamplingParams
+from slserve.scheduler.scheduler import AFFINITY_WINDOW
 
 logger = logging.getLogger(__name__)
 
@@ -361,15 +362,19 @@ class AsyncEngine:
 
     def _step(self, engine: Engine) -> list[tuple[asyncio.Queue, Any]]:
         outputs = engine.step()
-        admitted = 0
-        # The scheduler admits first come first served, so admitted requests leave from the front.
-        while self._unadmitted:
-            rid, req = next(iter(self._unadmitted.items()))
-            if req.status is Status.WAITING:
-                break
+        # Admission picks only among the first AFFINITY_WINDOW waiting requests (scheduler.py),
+        # so past that many still waiting, none further down has left.
+        left, still_waiting = [], 0
+        for rid, req in self._unadmitted.items():
+            if req.status is not Status.WAITING:
+                left.append(rid)
+            else:
+                still_waiting += 1
+                if still_waiting == AFFINITY_WINDOW:
+                    break
+        for rid in left:
             del self._unadmitted[rid]
-            admitted += 1
-        self._discount(admitted)
+        self._discount(len(left))
         posts = []
         for out in outputs:
             q = self._queues.pop(out.request_id, None) if out.finished else self._queues.get(out.request_id)

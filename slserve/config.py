@@ -110,6 +110,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None
     max_queue: int = 4096
+    # Admission may let a request whose adapter is already in the batch (or resident) go ahead of
+    # earlier ones, at most this many times per request (scheduler.py); 0: first come first served.
+    affinity_bound: int = 32
     # Adapters.
     adapter_dir: str | None = None
     max_lora_rank: int = 64
@@ -135,6 +138,8 @@ class EngineConfig:
             raise ValueError("pool_bytes must be positive")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.affinity_bound < 0:
+            raise ValueError("affinity_bound must be >= 0")
         if self.max_lora_rank < 1:
             raise ValueError("max_lora_rank must be >= 1")
         if self.host_cache_bytes <= 0:

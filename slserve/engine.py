@@ -103,7 +103,7 @@ class Engine:
         self.adapter_cache = DeviceAdapterCache(self.pool, local, self.store.get,
                                                 shapes=shard.lora_shapes(cfg))
         self.scheduler = Scheduler(self.blocks, self.adapter_cache, config.max_num_seqs,
-                                   config.max_num_batched_tokens)
+                                   config.max_num_batched_tokens, config.affinity_bound)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         eos_ids = set(cfg.eos_token_ids)
@@ -113,7 +113,7 @@ class Engine:
         self.sampler = Sampler(config.seed, eos_ids)
         self.output_processor = OutputProcessor(self.tokenizer, eos_ids)
         self.counters = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0,
-                         "failed_steps": 0}
+                         "failed_steps": 0, "step_adapters": 0, "step_adapter_bytes": 0}
         self.last_step_error: str | None = None  # "ExceptionType: message" of the last failed step
 
     # -- requests ----------------------------------------------------------------------------
@@ -179,6 +179,7 @@ class Engine:
         plan = None
         try:
             plan, sample = build_plan(sched.scheduled, self.config.page_tokens)
+            self._count_adapters(sched.scheduled)
             plan.adapter_commands = self.adapter_cache.take_commands()
             logits = self._execute(plan)
             self.scheduler.advance(sched.scheduled)
@@ -198,6 +199,12 @@ class Engine:
             except Exception as exc:  # detokenizing or stop checks of this one request
                 outputs += self._fail_step([req], exc)
         return outputs
+
+    def _count_adapters(self, scheduled: list[tuple[Request, int]]) -> None:
+        """Distinct adapters in the step and the bytes of their weights, which the step reads."""
+        devs = {id(r.device_adapter): r.device_adapter for r, _ in scheduled if r.device_adapter}
+        self.counters["step_adapters"] += len(devs)
+        self.counters["step_adapter_bytes"] += sum(d.weight_elems for d in devs.values()) * self.pool.itemsize
 
     def _execute(self, plan: StepPlan):
         """Run the plan on every rank; the logits on rank 0."""

@@ -45,6 +45,7 @@ class Request:
     generator: torch.Generator | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
+    overtaken: int = 0  # later requests admitted ahead of it (scheduler: affinity_bound)
     first_token_time: float | None = None
 
     # Incremental detokenization.

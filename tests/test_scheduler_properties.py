@@ -6,7 +6,8 @@ beside their adapter), steps (KV growth, preemptions), aborts, adapter adds, del
 while requests wait or run, evictions and finishes must never hand out a page twice, never lose
 one, never make the scheduler raise, keep every pinned adapter pinned by running requests only,
 keep a running request on the adapter weights it was first admitted with, fail a request only if
-it cannot fit even alone, and end with the whole pool free.
+it cannot fit even alone, let no request be overtaken more than the affinity bound, and end with
+the whole pool free (every request served: no starvation).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ MODEL = ModelConfig(
 PAGE_TOKENS = 4
 NUM_PAGES = 40
 CAPACITY = NUM_PAGES * PAGE_TOKENS  # the engine's max_model_len bound
+AFFINITY_BOUND = 2
 NAMES = ["a", "b", "c"]
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # (rank, modules): 4, 8 and 16 pages on all modules; 2 pages on q and v.
@@ -75,7 +77,8 @@ class PoolMachine(RuleBasedStateMachine):
         self.kv = KVBlocks(self.pool, PAGE_TOKENS)
         self.store: dict[str, LoRAAdapter] = {}
         self.cache = DeviceAdapterCache(self.pool, MODEL, self._get_host, executor=InlineExecutor())
-        self.sched = Scheduler(self.kv, self.cache, max_num_seqs=4, max_num_batched_tokens=24)
+        self.sched = Scheduler(self.kv, self.cache, max_num_seqs=4, max_num_batched_tokens=24,
+                               affinity_bound=AFFINITY_BOUND)
         self.live: list[Request] = []
         self.first_weights: dict[Request, LoRAAdapter] = {}
         self.seeds = itertools.count()
@@ -197,6 +200,13 @@ class PoolMachine(RuleBasedStateMachine):
         for req in self.sched.waiting:
             assert req.status is Status.WAITING and req.device_adapter is None and not req.block_table
         assert {id(r) for r in (*running, *self.sched.waiting)} == {id(r) for r in self.live}
+
+    @invariant()
+    def no_request_overtaken_past_the_bound(self) -> None:
+        for req in self.live:
+            assert req.overtaken <= AFFINITY_BOUND
+            if req.overtaken:
+                event("overtaken")
 
     def teardown(self) -> None:
         # Finishing everything (by running it to completion) leaves the pool idle.

@@ -686,6 +686,10 @@ def test_metrics_families_move(server):
     assert moved("slserve_inter_token_latency_seconds_count") == 3
     assert moved("slserve_generation_tokens_total") == 4
     assert moved("slserve_prompt_tokens_total") == r.usage.prompt_tokens
+    steps = moved("slserve_engine_steps_total")
+    assert steps >= 4 and moved("slserve_step_adapters_total") == steps  # ad1 alone, every step
+    per_step = moved("slserve_step_adapter_bytes_total") / steps
+    assert per_step > 0 and per_step == int(per_step)
     assert metric(after, "slserve_adapters", tier="device") >= 1
     assert metric(after, "slserve_pool_pages", owner="adapter") > 0
     assert metric(after, "slserve_adapters", tier="disk") >= 1

@@ -53,6 +53,10 @@ class EngineCollector(Collector):
         yield counter("generation_tokens", "Generated tokens.", s["generated_tokens"])
         yield counter("engine_steps", "Engine steps (forward passes).", s["steps"])
         yield counter("preemptions", "Requests preempted for lack of pool pages.", s["preemptions"])
+        yield counter("step_adapters", "Distinct adapters summed over engine steps (divide by "
+                      "engine_steps for the mean per step).", s["step_adapters"])
+        yield counter("step_adapter_bytes", "Adapter weight bytes read, summed over engine steps.",
+                      s["step_adapter_bytes"])
         yield gauge("num_requests_running", "Requests in the running batch.", s["running"])
         yield gauge("num_requests_waiting", "Requests waiting for admission.", s["waiting"])
 

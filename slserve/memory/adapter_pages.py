@@ -9,6 +9,7 @@ free space allows, so a block is always contiguous and every matrix is one range
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
@@ -46,6 +47,11 @@ class DeviceAdapter:
     generation: int = 0
     pins: int = 0
     stale: bool = False  # replaced, deleted or a private old version: freed once the last user lets go
+
+    @functools.cached_property
+    def weight_elems(self) -> int:
+        """Pool elements of its weights (this rank's share), without page rounding."""
+        return sum(s.rank * (s.in_features + s.out_features) for s in self.layout.slots)
 
     @property
     def version(self) -> AdapterVersion:

@@ -1,9 +1,13 @@
 """Continuous batching with one page budget for KV and adapters.
 
 Every step: running requests first (a decode token each, or their next prefill chunk), in
-admission order, then waiting requests strictly first come first served while the token budget,
-the sequence limit and the pool allow. The head of the queue is never overtaken, so nothing
-starves. When a running request needs a page and none is free, idle adapters are evicted first;
+admission order, then waiting requests while the token budget, the sequence limit and the pool
+allow. Admission favours requests whose adapter costs no extra bytes in the step (base-model
+requests, and adapters already in the running batch), then adapters already resident, then the
+rest; among equals, first come first served. No request is overtaken by more than
+`affinity_bound` later requests: one that was is admitted before anything behind it, so nothing
+starves (0: strictly first come first served). When a running request needs a page and none is
+free, idle adapters are evicted first;
 then the most recently admitted request is preempted (its pages freed, recomputed later from
 its prompt and the tokens it already generated). Admission charges the prompt chunk's KV pages
 and, when its adapter is not resident, the adapter's pages against the same pool.
@@ -11,6 +15,7 @@ and, when its adapter is not resident, the adapter's pages against the same pool
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,6 +27,9 @@ from slserve.memory.kv_cache import KVBlocks
 from slserve.request import Request, Status
 
 logger = logging.getLogger(__name__)
+
+# How far down the queue admission looks for a cheaper request (bounds the work per admission).
+AFFINITY_WINDOW = 256
 
 
 @dataclass
@@ -38,11 +46,13 @@ class Scheduler:
         adapters: DeviceAdapterCache | None,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        affinity_bound: int = 0,
     ):
         self.kv = kv
         self.adapters = adapters
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.affinity_bound = affinity_bound
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -89,20 +99,21 @@ class Scheduler:
 
     def _admit(self, budget: int, out: SchedulerOutput) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
+            pos = self._next_to_admit()
+            req = self.waiting[pos]
             n = min(req.num_tokens - req.num_computed, budget)
             pages = self.kv.pages_for(n)
             if req.adapter is not None and req.device_adapter is None:
                 try:
                     dev = self.adapters.acquire(req.adapter, reserve_pages=pages, version=req.adapter_version)
                 except AdapterError as exc:
-                    self.waiting.popleft()
+                    del self.waiting[pos]
                     self._fail(req, *self._adapter_failure(req, exc), out)
                     continue
                 if dev is None:
                     # Nothing runs, so nothing is pinned: not even an empty pool holds both.
                     if not self.running:
-                        self.waiting.popleft()
+                        del self.waiting[pos]
                         self._fail(req, self._too_large(req, pages), 400, out)
                         continue
                     break
@@ -113,17 +124,43 @@ class Scheduler:
                 self.adapters.evict_idle(pages - self.kv.pool.num_free)
             if pages > self.kv.pool.num_free:
                 if not self.running:
-                    self.waiting.popleft()
+                    del self.waiting[pos]
                     self._fail(req, self._too_large(req, pages), 400, out)
                     continue
                 self._release(req)  # only running requests pin adapters
                 break
-            self.waiting.popleft()
+            del self.waiting[pos]
+            for passed in itertools.islice(self.waiting, pos):
+                passed.overtaken += 1
             self.kv.grow(req.block_table, n)
             req.status = Status.RUNNING
             self.running.append(req)
             out.scheduled.append((req, n))
             budget -= n
+
+    def _next_to_admit(self) -> int:
+        """The queue position to admit next: the earliest request of the lowest adapter cost
+        among those up to (and including) the first one already overtaken `affinity_bound` times."""
+        if self.affinity_bound == 0 or self.adapters is None:
+            return 0
+        best, best_cost = 0, 3
+        for pos, req in enumerate(itertools.islice(self.waiting, AFFINITY_WINDOW)):
+            cost = self._adapter_cost(req)
+            if cost < best_cost:
+                best, best_cost = pos, cost
+            if cost == 0 or req.overtaken >= self.affinity_bound:
+                break
+        return best
+
+    def _adapter_cost(self, req: Request) -> int:
+        """0: no adapter bytes added to the step (base model, or an adapter the running batch
+        already reads); 1: resident, not in the batch; 2: still to be copied in."""
+        if req.adapter is None:
+            return 0
+        dev = self.adapters.resident.get(req.adapter)
+        if dev is None or dev.stale:
+            return 2
+        return 0 if dev.pins else 1
 
     def _too_large(self, req: Request, kv_pages: int) -> str:
         """The message for a request that cannot fit even in an otherwise empty pool."""
