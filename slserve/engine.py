@@ -94,14 +94,15 @@ class Engine:
                     self.model_name, config.dtype, config.tp, time.perf_counter() - t0, num_pages,
                     config.page_tokens, num_pages * page_elems * itemsize / 2**30)
 
-        self.store = AdapterStore(config.adapter_path, cfg, config.max_lora_rank, config.host_cache_bytes)
+        self.store = AdapterStore(config.adapter_path, cfg, config.max_lora_rank, config.host_cache_bytes,
+                                  config.torch_dtype)
         if config.preload_adapters:
             t0 = time.perf_counter()
             n = self.store.preload()
             logger.info("preloaded %d of %d adapters into host RAM in %.1fs", n, len(self.store),
                         time.perf_counter() - t0)
         self.adapter_cache = DeviceAdapterCache(self.pool, local, self.store.get,
-                                                shapes=shard.lora_shapes(cfg))
+                                                shapes=shard.lora_shapes(cfg), on_host=self.store.is_cached)
         self.scheduler = Scheduler(self.blocks, self.adapter_cache, config.max_num_seqs,
                                    config.max_num_batched_tokens, config.affinity_bound)
         self.requests: dict[str, Request] = {}

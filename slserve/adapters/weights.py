@@ -65,8 +65,8 @@ def adapter_error(name: str, reason: str) -> AdapterError:
 class LoRAWeights:
     """One module's LoRA: y += scale * (x @ a^T) @ b^T."""
 
-    a: torch.Tensor  # [r, in] float32
-    b: torch.Tensor  # [out, r] float32
+    a: torch.Tensor  # [r, in] float32 (16-bit in the host tier: adapters/host_copy.py)
+    b: torch.Tensor  # [out, r] float32 (likewise)
     scale: float
 
     @property

@@ -127,4 +127,4 @@ def write_adapter(flat: torch.Tensor, layout: AdapterLayout,
         a, b, scale = weights[(s.layer, s.module)]
         flat[s.a_off : s.a_off + s.rank * s.in_features].view(s.rank, s.in_features).copy_(a)
         # Scale in float32, then one transposing, rounding copy into the pages.
-        flat[s.b_off : s.b_off + s.rank * s.out_features].view(s.rank, s.out_features).copy_((b * scale).t())
+        flat[s.b_off : s.b_off + s.rank * s.out_features].view(s.rank, s.out_features).copy_((b.float() * scale).t())

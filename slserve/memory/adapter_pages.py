@@ -72,7 +72,8 @@ class DeviceAdapterCache:
 
     `model` is a rank's config and `shapes` its LoRA shapes (parallel.py: Shard.local_config,
     Shard.lora_shapes; the whole model by default). `executor` runs host loads (default: one
-    worker thread). Every placement and release appends a command to `commands`, which the engine
+    worker thread); `on_host(name)` tells whether `get_host(name)` answers without reading and
+    parsing files (default: always). Every placement and release appends a command to `commands`, which the engine
     hands to the model runners with the next step (`take_commands`)."""
 
     def __init__(
@@ -82,11 +83,13 @@ class DeviceAdapterCache:
         get_host: Callable[[str], LoRAAdapter],
         executor: Executor | None = None,
         shapes: dict[str, tuple[int, int]] | None = None,
+        on_host: Callable[[str], bool] | None = None,
     ):
         self.pool = pool
         self.model = model
         self.shapes = shapes or model.module_shapes()
         self.get_host = get_host
+        self.on_host = on_host or (lambda name: True)
         self.commands: list[AdapterCommand] = []
         self._slots = itertools.count(1)
         self.resident: OrderedDict[str, DeviceAdapter] = OrderedDict()
@@ -179,6 +182,20 @@ class DeviceAdapterCache:
 
     def idle_pages(self) -> int:
         return sum(d.num_pages for d in self.resident.values() if d.pins == 0)
+
+    def ready(self, name: str) -> bool:
+        """Whether acquiring `name` reads no files on this thread: resident, or parsed on the
+        host. If not, its host load starts in the background (admission waits for it)."""
+        if name in self.resident or self.on_host(name):
+            return True
+        loading = self._host_loading.get(name)
+        if loading is None:
+            self._host_loading[name] = (self._loader.submit(self.get_host, name), self.generation(name))
+            return False
+        if loading[0].done():  # failed, or parsed and already evicted from the host again:
+            del self._host_loading[name]  # acquire raises the error, or parses it once more
+            return True
+        return False
 
     def prefetch(self, names: list[str], keep_free_pages: int) -> None:
         """Warm the host tier for queued requests, and copy host-ready adapters into free pages

@@ -6,8 +6,9 @@ allow. Admission favours requests whose adapter costs no extra bytes in the step
 requests, and adapters already in the running batch), then adapters already resident, then the
 rest; among equals, first come first served. No request is overtaken by more than
 `affinity_bound` later requests: one that was is admitted before anything behind it, so nothing
-starves (0: strictly first come first served). When a running request needs a page and none is
-free, idle adapters are evicted first;
+starves (0: strictly first come first served). An adapter still on disk is read and parsed on a
+background thread; its request waits for that while a batch runs, rather than stall it. When a
+running request needs a page and none is free, idle adapters are evicted first;
 then the most recently admitted request is preempted (its pages freed, recomputed later from
 its prompt and the tokens it already generated). Admission charges the prompt chunk's KV pages
 and, when its adapter is not resident, the adapter's pages against the same pool.
@@ -104,6 +105,8 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed, budget)
             pages = self.kv.pages_for(n)
             if req.adapter is not None and req.device_adapter is None:
+                if self.running and req.adapter_version is None and not self.adapters.ready(req.adapter):
+                    break  # its files are being read and parsed in the background: the batch goes on
                 try:
                     dev = self.adapters.acquire(req.adapter, reserve_pages=pages, version=req.adapter_version)
                 except AdapterError as exc:
@@ -143,7 +146,7 @@ class Scheduler:
         among those up to (and including) the first one already overtaken `affinity_bound` times."""
         if self.affinity_bound == 0 or self.adapters is None:
             return 0
-        best, best_cost = 0, 3
+        best, best_cost = 0, 4
         for pos, req in enumerate(itertools.islice(self.waiting, AFFINITY_WINDOW)):
             cost = self._adapter_cost(req)
             if cost < best_cost:
@@ -154,12 +157,13 @@ class Scheduler:
 
     def _adapter_cost(self, req: Request) -> int:
         """0: no adapter bytes added to the step (base model, or an adapter the running batch
-        already reads); 1: resident, not in the batch; 2: still to be copied in."""
+        already reads); 1: resident, not in the batch; 2: on the host, still to be copied in;
+        3: still on disk."""
         if req.adapter is None:
             return 0
         dev = self.adapters.resident.get(req.adapter)
         if dev is None or dev.stale:
-            return 2
+            return 2 if self.adapters.on_host(req.adapter) else 3
         return 0 if dev.pins else 1
 
     def _too_large(self, req: Request, kv_pages: int) -> str:

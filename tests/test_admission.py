@@ -1,6 +1,6 @@
-"""Adapter-affine admission (scheduler.py: affinity_bound): requests whose adapter the running
-batch already reads go first, no request is overtaken more than the bound, and the tokens are
-those PEFT gives whatever order requests are admitted in."""
+"""Admission (scheduler.py). Adapter-affine: requests whose adapter the running batch already
+reads go first, no request is overtaken more than the bound, and the tokens are those PEFT gives
+whatever order requests are admitted in. Cold adapters: read and parsed off the engine thread."""
 
 from __future__ import annotations
 
@@ -90,3 +90,41 @@ def test_affinity_reads_fewer_adapters_per_step_and_keeps_tokens(three_adapters,
     # First come first served: every step holds all three adapters. Affine: one at a time.
     assert per_step_fcfs == pytest.approx(3.0, abs=0.35)
     assert per_step_affine <= 1.5
+
+
+def test_cold_adapter_is_parsed_off_the_engine_thread(three_adapters, tmp_path):
+    """A request whose adapter is still on disk waits while its files are read and parsed on the
+    loader thread; the running batch steps on meanwhile. A damaged file still fails its request."""
+    import shutil
+    import threading
+
+    _, paths = three_adapters
+    store_dir = tmp_path / "store"
+    store_dir.mkdir()
+    shutil.copytree(paths["a"], store_dir / "a")
+    shutil.copytree(paths["a"], store_dir / "broken")
+    (store_dir / "broken" / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    llm = LLM(dtype="float32", adapter_dir=str(store_dir))
+    engine = llm.engine
+    parsed_on = {}
+    get = engine.store.get
+
+    def recording_get(name):
+        parsed_on.setdefault(name, threading.get_ident())
+        return get(name)
+
+    engine.store.get = engine.adapter_cache.get_host = recording_get
+    running = engine.add_request("Once upon a time", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    engine.step()
+    cold = engine.add_request("The capital of France is", SamplingParams(temperature=0, max_tokens=4), "a")
+    broken = engine.add_request("Hello", SamplingParams(temperature=0, max_tokens=4), "broken")
+    steps_waiting = 0
+    while engine.has_unfinished():
+        engine.step()
+        if cold.num_computed == 0:
+            steps_waiting += 1
+    engine.close()
+    assert parsed_on["a"] != threading.get_ident() and parsed_on["broken"] != threading.get_ident()
+    assert steps_waiting >= 1  # it waited for its parse while the batch ran
+    assert cold.finish_reason == "length" and running.finish_reason == "length"
+    assert broken.finish_reason == "error" and broken.error_status == 400 and "broken" in broken.error
