@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,6 +43,8 @@ class Request:
     error: str | None = None
     error_status: int | None = None  # the HTTP status an error maps to (404, 400, 500)
     generator: torch.Generator | None = None
+    # Structured outputs: the xgrammar GrammarMatcher, advanced with each accepted token.
+    matcher: Any = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
     first_token_time: float | None = None
