@@ -24,7 +24,13 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_serializer, model_validator
 
 from slserve.api.errors import APIError
-from slserve.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, SamplingParamsError
+from slserve.sampling_params import (
+    INT64_MAX,
+    INT64_MIN,
+    SamplingParams,
+    SamplingParamsError,
+    StructuredOutputsParams,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +51,7 @@ _VLLM_NOT_IMPLEMENTED: dict[str, tuple] = {
     "allowed_token_ids": (),
     "bad_words": ([],),
     "prompt_logprobs": (),
-    "response_format": ({"type": "text"},),
-    "guided_json": (),
-    "guided_regex": (),
-    "guided_choice": (),
-    "guided_grammar": (),
-    "guided_decoding_backend": (),
+    "guided_decoding_backend": ("xgrammar", "auto"),  # the one backend here
     "guided_whitespace_pattern": (),
     "structured_outputs": (),
     "structural_tag": (),
@@ -156,6 +157,23 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = False  # vLLM's; refused when true
 
 
+class JSONSchemaFormat(_Request):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced here
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+# The request fields that constrain the output; at most one per request.
+_STRUCTURED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+
+
 class _SamplingRequest(_Body):
     """Fields that completions and chat share."""
 
@@ -179,6 +197,11 @@ class _SamplingRequest(_Body):
     stop_token_ids: list[int] | None = None  # extra
     include_stop_str_in_output: bool = False  # extra
     request_id: str | None = None  # extra: the response's id becomes "<kind>-<request_id>"
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict[str, Any] | None = None  # extra: a JSON schema, or its JSON text
+    guided_regex: str | None = None  # extra
+    guided_choice: list[str] | None = None  # extra
+    guided_grammar: str | None = None  # extra: EBNF (xgrammar's dialect)
 
     def check_common(self) -> None:
         if not 1 <= self.n <= MAX_N:
@@ -198,7 +221,47 @@ class _SamplingRequest(_Body):
     def response_id(self, kind: str) -> str:
         return f"{kind}-{self.request_id if self.request_id is not None else uuid.uuid4().hex}"
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, vocab_size: int) -> list[SamplingParams]:
+    def structured_outputs(self) -> tuple[StructuredOutputsParams | None, str | None]:
+        """What the output must match, and the request field that asked for it (None, None: free)."""
+        given = [name for name in _STRUCTURED_FIELDS if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.type == "text":
+            given.remove("response_format")
+        if not given:
+            return None, None
+        name = given[0]
+        if len(given) > 1:
+            raise APIError(400, f"only one of {', '.join(given)} may be given", given[1])
+        try:
+            return self._structured(name), name
+        except SamplingParamsError as e:
+            raise APIError(400, f"{name}: {e}", name) from None
+
+    def _structured(self, name: str) -> StructuredOutputsParams:
+        if name == "response_format":
+            fmt = self.response_format
+            if fmt.type == "json_object":
+                return StructuredOutputsParams(json_object=True)
+            if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+                raise APIError(400, "response_format of type json_schema needs json_schema.schema", name)
+            return StructuredOutputsParams(json=fmt.json_schema.json_schema)
+        if name == "guided_json":
+            schema = self.guided_json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError as e:
+                    raise APIError(400, f"guided_json is not valid JSON: {e}", name) from None
+            if not isinstance(schema, dict):
+                raise APIError(400, "guided_json must be a JSON schema (a JSON object)", name)
+            return StructuredOutputsParams(json=schema)
+        if name == "guided_choice":
+            return StructuredOutputsParams(choice=tuple(self.guided_choice))
+        if name == "guided_regex":
+            return StructuredOutputsParams(regex=self.guided_regex)
+        return StructuredOutputsParams(grammar=self.guided_grammar)
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None, vocab_size: int,
+                        structured: StructuredOutputsParams | None = None) -> list[SamplingParams]:
         """One SamplingParams per choice; seeded choices get seed + i so that they differ."""
         top_k = -1 if self.top_k in (None, 0) else self.top_k
         if self.seed is not None and not INT64_MIN <= self.seed <= INT64_MAX - (self.n - 1):
@@ -223,6 +286,7 @@ class _SamplingRequest(_Body):
                     logit_bias=self.logit_bias or {},
                     min_p=self.min_p or 0.0,
                     min_tokens=self.min_tokens,
+                    structured_outputs=structured,
                 )
                 for i in range(self.n)
             ]

@@ -44,6 +44,8 @@ from slserve.api.metrics import RequestCounter, ServerMetrics, TokenTimer
 from slserve.async_engine import AsyncEngine, GenerateItem, RequestStream
 from slserve.config import EngineConfig
 from slserve.outputs import StepOutput, TokenLogprob
+from slserve.sampling_params import StructuredOutputsParams
+from slserve.structured import GrammarError
 
 logger = logging.getLogger(__name__)
 
@@ -400,6 +402,18 @@ def create_app(
     def vocab_size() -> int:
         return engine.engine.model_config.vocab_size
 
+    async def structured_outputs(body: p.CompletionRequest | p.ChatCompletionRequest
+                                 ) -> StructuredOutputsParams | None:
+        """The request's output constraint, compiled here (off the loop, into the engine's cache)
+        so that a spec that cannot compile is a 400 naming it before anything is queued."""
+        so, param = body.structured_outputs()
+        if so is not None:
+            try:
+                await off_loop(lambda: engine.engine.grammars.compile(so))
+            except GrammarError as e:
+                raise APIError(400, f"{param}: {e}", param) from None
+        return so
+
     def check_model(model: str | None) -> None:
         """404 for a `model` that names neither the base model nor an adapter, for routes that do
         not go through the engine (which checks it itself)."""
@@ -459,12 +473,14 @@ def create_app(
         body.check()
         adapter = adapter_of(body.model)
         prompts = await off_loop(tokenize_all, body.prompts(), body.add_special_tokens)
+        structured = await structured_outputs(body)
         max_model_len = engine.engine.max_model_len
         rid = body.response_id("cmpl")
         items = []
         for i, ids in enumerate(prompts):
             max_tokens = body.max_tokens if body.max_tokens is not None else max(1, max_model_len - len(ids))
-            for j, params in enumerate(body.sampling_params(max_tokens, body.logprobs, vocab_size())):
+            choices = body.sampling_params(max_tokens, body.logprobs, vocab_size(), structured)
+            for j, params in enumerate(choices):
                 items.append(GenerateItem(f"{rid}-{i}-{j}", ids, params, adapter))
             check_length(len(ids), max_tokens)
         model = body.model or base_name()
@@ -552,7 +568,8 @@ def create_app(
                                f"the messages take {len(ids)}.", "messages")
             max_tokens = max_model_len - len(ids)
         rid = body.response_id("chatcmpl")
-        params = body.sampling_params(max_tokens, body.engine_logprobs, vocab_size())
+        structured = await structured_outputs(body)
+        params = body.sampling_params(max_tokens, body.engine_logprobs, vocab_size(), structured)
         items = [GenerateItem(f"{rid}-{j}", ids, sp, adapter) for j, sp in enumerate(params)]
         check_length(len(ids), max_tokens)
         model = body.model or base_name()
