@@ -32,6 +32,8 @@ from slserve.output_processor import OutputProcessor
 from slserve.outputs import StepOutput
 from slserve.parallel import Shard, check_tp
 from slserve.plan import AdapterLoad, StepPlan, build_plan
+from slserve.prompt_logprobs import add_rows as add_prompt_logprob_rows
+from slserve.prompt_logprobs import record as record_prompt_logprobs
 from slserve.request import Request
 from slserve.runner import ModelRunner, runner_device
 from slserve.sampling import Sampler
@@ -197,8 +199,12 @@ class Engine:
         plan = None
         try:
             plan, sample = build_plan(sched.scheduled, self.config.page_tokens)
+            prompt_spans = add_prompt_logprob_rows(plan, sched.scheduled)
             plan.adapter_commands = self.adapter_cache.take_commands()
             logits = self._execute(plan)
+            if prompt_spans:  # the rows after the sampling ones
+                record_prompt_logprobs(logits[len(sample):], prompt_spans)
+                logits = logits[: len(sample)]
             self.scheduler.advance(sched.scheduled)
             sampled = []
             if sample:

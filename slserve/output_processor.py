@@ -42,6 +42,10 @@ class OutputProcessor:
         end = max(req.emitted_text_len, len(req.text) - hold)
         delta = req.text[req.emitted_text_len : end]
         req.emitted_text_len = end
+        prompt_lps = None
+        if req.params.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+            req.prompt_logprobs_sent = True
+            prompt_lps = req.prompt_logprobs or [None]  # a one-token prompt has just the None
         return StepOutput(
             request_id=req.request_id,
             new_token_ids=new_ids,
@@ -51,6 +55,7 @@ class OutputProcessor:
             num_prompt_tokens=req.num_prompt_tokens,
             num_generated_tokens=req.num_output_tokens,
             new_logprobs=list(new_lps),
+            prompt_logprobs=prompt_lps,
             error=req.error,
             error_status=req.error_status,
         )

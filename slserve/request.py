@@ -46,6 +46,8 @@ class Request:
     # Structured outputs: the xgrammar GrammarMatcher, advanced with each accepted token.
     matcher: Any = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # see prompt_logprobs.py
+    prompt_logprobs_sent: bool = False  # in a StepOutput already
     num_preemptions: int = 0
     first_token_time: float | None = None
 

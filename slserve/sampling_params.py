@@ -64,6 +64,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: the sampled token's logprob plus the top k
+    prompt_logprobs: int | None = None  # the same for every prompt token (the first has none)
     include_stop_str_in_output: bool = False
     # OpenAI's penalties on the output so far: logit[t] -= count[t] * frequency + (count[t] > 0) * presence.
     presence_penalty: float = 0.0
@@ -95,6 +96,8 @@ class SamplingParams:
              f"seed must be in [-2**63, 2**63 - 1], got {self.seed}"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20,
              f"logprobs must be in [0, 20], got {self.logprobs}"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
             ("stop", all(self.stop), "stop strings must be non-empty"),
             ("stop_token_ids", all(0 <= t <= INT64_MAX for t in self.stop_token_ids),
              "stop_token_ids must be token ids in [0, 2**63 - 1]"),
