@@ -50,7 +50,6 @@ _VLLM_NOT_IMPLEMENTED: dict[str, tuple] = {
     "truncate_prompt_tokens": (),
     "allowed_token_ids": (),
     "bad_words": ([],),
-    "prompt_logprobs": (),
     "guided_decoding_backend": ("xgrammar", "auto"),  # the one backend here
     "guided_whitespace_pattern": (),
     "structured_outputs": (),
@@ -66,7 +65,6 @@ _VLLM_NOT_IMPLEMENTED: dict[str, tuple] = {
 }
 _COMPLETION_NOT_IMPLEMENTED = {
     **_VLLM_NOT_IMPLEMENTED,
-    "echo": (False,),
     "suffix": ("",),
     "prompt_embeds": (),
 }
@@ -197,6 +195,7 @@ class _SamplingRequest(_Body):
     stop_token_ids: list[int] | None = None  # extra
     include_stop_str_in_output: bool = False  # extra
     request_id: str | None = None  # extra: the response's id becomes "<kind>-<request_id>"
+    prompt_logprobs: int | None = None  # extra: per prompt token, the top k and the token itself
     response_format: ResponseFormat | None = None
     guided_json: str | dict[str, Any] | None = None  # extra: a JSON schema, or its JSON text
     guided_regex: str | None = None  # extra
@@ -206,6 +205,8 @@ class _SamplingRequest(_Body):
     def check_common(self) -> None:
         if not 1 <= self.n <= MAX_N:
             raise APIError(400, f"n must be between 1 and {MAX_N}, got {self.n}", "n")
+        if self.stream and self.prompt_logprobs is not None:  # as vLLM
+            raise APIError(400, "prompt_logprobs is not available when stream is true", "prompt_logprobs")
         if self.stream_options is not None:
             if not self.stream:
                 raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
@@ -260,6 +261,10 @@ class _SamplingRequest(_Body):
             return StructuredOutputsParams(regex=self.guided_regex)
         return StructuredOutputsParams(grammar=self.guided_grammar)
 
+    def engine_prompt_logprobs(self) -> int | None:
+        """How many top logprobs the engine keeps per prompt token (None: no prompt logprobs)."""
+        return self.prompt_logprobs
+
     def sampling_params(self, max_tokens: int, logprobs: int | None, vocab_size: int,
                         structured: StructuredOutputsParams | None = None) -> list[SamplingParams]:
         """One SamplingParams per choice; seeded choices get seed + i so that they differ."""
@@ -279,6 +284,7 @@ class _SamplingRequest(_Body):
                     stop_token_ids=list(self.stop_token_ids or []),
                     ignore_eos=self.ignore_eos,
                     logprobs=logprobs,
+                    prompt_logprobs=self.engine_prompt_logprobs(),
                     include_stop_str_in_output=self.include_stop_str_in_output,
                     presence_penalty=self.presence_penalty or 0.0,
                     frequency_penalty=self.frequency_penalty or 0.0,
@@ -302,7 +308,12 @@ class CompletionRequest(_SamplingRequest):
     max_tokens: int | None = 16
     logprobs: int | None = None
     best_of: int | None = None
+    echo: bool = False  # the prompt before the completion, with its logprobs when logprobs is set
     add_special_tokens: bool = True  # extra: BOS and the like when tokenizing a text prompt
+
+    def engine_prompt_logprobs(self) -> int | None:
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(wanted) if wanted else None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, each a string or a list of token ids."""
@@ -321,6 +332,8 @@ class CompletionRequest(_SamplingRequest):
             raise APIError(400, "best_of other than n is not supported", "best_of")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}", "logprobs")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}", "prompt_logprobs")
 
 
 class ContentPart(_Request):
@@ -384,6 +397,8 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
                 raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
             if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
                 raise APIError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}", "top_logprobs")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}", "prompt_logprobs")
 
     @property
     def engine_logprobs(self) -> int | None:
@@ -454,11 +469,25 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob: one entry of a prompt token's dict (token id -> this)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's prompt_logprobs: per prompt token None (the first) or {token id: PromptLogprob}, holding
+# the token itself and the top k.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's
 
 
 class CompletionResponse(BaseModel):
@@ -503,6 +532,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's
 
 
 class DeltaMessage(BaseModel):

@@ -28,6 +28,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -166,21 +167,25 @@ async def _bounded(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[by
 
 
 async def _collect(stream: RequestStream, timers: list[TokenTimer]):
-    """Drain a non-streaming request: per choice its text pieces, logprobs and final output."""
+    """Drain a non-streaming request: per choice its text pieces, logprobs, prompt logprobs (None
+    unless asked for) and final output."""
     texts: list[list[str]] = [[] for _ in timers]
     lps: list[list[TokenLogprob]] = [[] for _ in timers]
+    prompt_lps: list[list[TokenLogprob | None] | None] = [None] * len(timers)
     finals: list[StepOutput | None] = [None] * len(timers)
     async with stream:
         async for k, out in stream:
             timers[k].tokens(len(out.new_token_ids))
             texts[k].append(out.new_text)
             lps[k].extend(out.new_logprobs)
+            if out.prompt_logprobs is not None:
+                prompt_lps[k] = out.prompt_logprobs
             if out.finished:
                 timers[k].finish()
                 finals[k] = out
                 if (err := _finish_error(out)) is not None:
                     raise err
-    return texts, lps, finals
+    return texts, lps, prompt_lps, finals
 
 # error_status of a request the engine ended with an error -> its OpenAI error code
 _FINISH_ERROR_CODES = {400: "request_does_not_fit", 404: "model_not_found", 500: "engine_step_failed"}
@@ -222,24 +227,100 @@ class _TokenText:
 
 
 class _CompletionLogprobBuilder:
-    """The legacy logprobs object; text_offset counts from the start of the completion."""
+    """The legacy logprobs object; text_offset counts from the start of the completion (of the
+    echoed prompt with `echo`)."""
 
     def __init__(self, text: _TokenText) -> None:
         self.text = text
         self.offset = 0
 
-    def __call__(self, lps: list[TokenLogprob]) -> p.CompletionLogprobs:
+    def __call__(self, lps: list[TokenLogprob], prompt: _Echo | None = None) -> p.CompletionLogprobs:
+        """The entries of `lps`, after those of the echoed prompt's tokens when `prompt` is given
+        (the first one null, as OpenAI has it)."""
         out = p.CompletionLogprobs()
+        if prompt is not None:
+            prompt_lps = prompt.logprobs if prompt.logprobs is not None else [None] * len(prompt.ids)
+            for token_id, lp in zip(prompt.ids, prompt_lps, strict=True):
+                token = self.text(token_id)
+                out.tokens.append(token)
+                out.token_logprobs.append(None if lp is None else lp.logprob)
+                out.top_logprobs.append(None if lp is None else self._top(token, lp))
+                out.text_offset.append(self.offset)
+                self.offset += len(token)
         for lp in lps:
             token = self.text(lp.token_id)
-            top = {self.text(t): v for t, v in lp.top}
-            top.setdefault(token, lp.logprob)
             out.tokens.append(token)
             out.token_logprobs.append(lp.logprob)
-            out.top_logprobs.append(top)
+            out.top_logprobs.append(self._top(token, lp))
             out.text_offset.append(self.offset)
             self.offset += len(token)
         return out
+
+    def _top(self, token: str, lp: TokenLogprob) -> dict[str, float]:
+        top = {self.text(t): v for t, v in lp.top}
+        top.setdefault(token, lp.logprob)
+        return top
+
+
+@dataclass
+class _Echo:
+    """A completion's echoed prompt: its text and token ids, and the engine's prompt logprobs
+    once they arrive (with `logprobs`)."""
+
+    text: str
+    ids: list[int]
+    logprobs: list[TokenLogprob | None] | None = None
+
+
+class _CompletionChoices:
+    """Builds a completion's choices, whole or as stream deltas: the echoed prompt and the prompt
+    logprobs go into each choice's first piece."""
+
+    def __init__(self, body: p.CompletionRequest, num_choices: int, token_text: _TokenText,
+                 echoes: list[_Echo] | None) -> None:
+        self.token_text = token_text
+        self.echoes = echoes
+        self.builders = None
+        if body.logprobs is not None:
+            self.builders = [_CompletionLogprobBuilder(token_text) for _ in range(num_choices)]
+        self.want_prompt_logprobs = body.prompt_logprobs is not None
+        self.started: set[int] = set()
+
+    def needs_first_piece(self, k: int) -> bool:
+        """Whether choice k still has its echo or prompt logprobs to send."""
+        return k not in self.started and (self.echoes is not None or self.want_prompt_logprobs)
+
+    def __call__(self, k: int, text: str, finish_reason: str | None, lps: list[TokenLogprob],
+                 prompt_lps: list[TokenLogprob | None] | None) -> p.CompletionChoice:
+        first = k not in self.started
+        self.started.add(k)
+        echo = self.echoes[k] if self.echoes is not None and first else None
+        if echo is not None:
+            echo.logprobs = prompt_lps
+            text = echo.text + text
+        return p.CompletionChoice(
+            index=k, text=text, finish_reason=finish_reason,
+            logprobs=self.builders[k](lps, echo) if self.builders else None,
+            prompt_logprobs=(_prompt_logprobs(self.token_text, prompt_lps)
+                             if first and self.want_prompt_logprobs else None))
+
+
+def _prompt_logprobs(text: _TokenText, lps: list[TokenLogprob | None] | None) -> p.PromptLogprobs | None:
+    """vLLM's prompt_logprobs: per prompt token None (the first) or {token id: logprob, rank,
+    decoded token}, holding the token itself and the top k."""
+    if lps is None:
+        return None
+    out: p.PromptLogprobs = []
+    for lp in lps:
+        if lp is None:
+            out.append(None)
+            continue
+        entry = {str(lp.token_id): p.PromptLogprob(logprob=lp.logprob, rank=lp.rank,
+                                                   decoded_token=text(lp.token_id))}
+        for rank, (t, v) in enumerate(lp.top, 1):
+            entry.setdefault(str(t), p.PromptLogprob(logprob=v, rank=rank, decoded_token=text(t)))
+        out.append(entry)
+    return out
 
 
 def _chat_logprobs(text: _TokenText, lps: list[TokenLogprob]) -> p.ChatLogprobs:
@@ -484,29 +565,28 @@ def create_app(
                 items.append(GenerateItem(f"{rid}-{i}-{j}", ids, params, adapter))
             check_length(len(ids), max_tokens)
         model = body.model or base_name()
+        echoes = None
+        if body.echo:  # a text prompt as sent, token ids decoded
+            texts = await off_loop(lambda: [x if isinstance(x, str) else engine.engine.tokenizer.decode(x)
+                                            for x in body.prompts()])
+            echoes = [_Echo(texts[i], ids) for i, ids in enumerate(prompts) for _ in range(body.n)]
+        choices = _CompletionChoices(body, len(items), _TokenText(engine.engine.tokenizer), echoes)
         stream = await engine.submit(items)
         timers = [TokenTimer(metrics, t0) for _ in items]
-        token_text = _TokenText(engine.engine.tokenizer)
-        builders = None
-        if body.logprobs is not None:
-            builders = [_CompletionLogprobBuilder(token_text) for _ in items]
         if body.stream:
-            events = _completion_events(stream, rid, model, len(prompts), body, timers, builders)
+            events = _completion_events(stream, rid, model, len(prompts), body, timers, choices)
             return _SSEResponse(events, stream)
         return await _until_disconnect(
-            request, _completion_response(stream, rid, model, len(prompts), body, timers, builders)
+            request, _completion_response(stream, rid, model, len(prompts), body, timers, choices)
         )
 
     async def _completion_response(stream: RequestStream, rid: str, model: str, num_prompts: int,
                                    body: p.CompletionRequest, timers: list[TokenTimer],
-                                   builders: list[_CompletionLogprobBuilder] | None) -> p.CompletionResponse:
+                                   make_choice: _CompletionChoices) -> p.CompletionResponse:
         n = body.n
-        texts, lps, finals = await _collect(stream, timers)
-        choices = [
-            p.CompletionChoice(index=k, text="".join(texts[k]), finish_reason=finals[k].finish_reason,
-                               logprobs=builders[k](lps[k]) if builders else None)
-            for k in range(len(timers))
-        ]
+        texts, lps, prompt_lps, finals = await _collect(stream, timers)
+        choices = [make_choice(k, "".join(texts[k]), finals[k].finish_reason, lps[k], prompt_lps[k])
+                   for k in range(len(timers))]
         prompt_tokens = sum(finals[i * n].num_prompt_tokens for i in range(num_prompts))
         completion_tokens = sum(f.num_generated_tokens for f in finals)
         usage = p.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
@@ -515,7 +595,7 @@ def create_app(
 
     async def _completion_events(stream: RequestStream, rid: str, model: str, num_prompts: int,
                                  body: p.CompletionRequest, timers: list[TokenTimer],
-                                 builders: list[_CompletionLogprobBuilder] | None) -> AsyncIterator[str]:
+                                 make_choice: _CompletionChoices) -> AsyncIterator[str]:
         created = p.now()
         usage = body.include_usage
         exclude = None if usage else {"usage"}
@@ -531,12 +611,11 @@ def create_app(
                         if (err := _finish_error(out)) is not None:
                             yield _sse(json.dumps(error_body(err.status, err.message, code=err.code)))
                             continue
-                    if not (out.new_text or out.finished or (builders and out.new_logprobs)):
+                    if not (out.new_text or out.finished or (make_choice.builders and out.new_logprobs)
+                            or make_choice.needs_first_piece(k)):
                         continue
-                    choice = p.CompletionChoice(
-                        index=k, text=out.new_text, finish_reason=out.finish_reason,
-                        logprobs=builders[k](out.new_logprobs) if builders else None,
-                    )
+                    choice = make_choice(k, out.new_text, out.finish_reason, out.new_logprobs,
+                                         out.prompt_logprobs)
                     chunk = p.CompletionResponse(id=rid, created=created, model=model, choices=[choice])
                     yield _sse(chunk.model_dump_json(exclude=exclude))
             if usage:
@@ -582,7 +661,7 @@ def create_app(
 
     async def _chat_response(stream: RequestStream, rid: str, model: str, timers: list[TokenTimer],
                              token_text: _TokenText | None) -> p.ChatCompletionResponse:
-        texts, lps, finals = await _collect(stream, timers)
+        texts, lps, prompt_lps, finals = await _collect(stream, timers)
         choices = [
             p.ChatChoice(index=k, message=p.ChatResponseMessage(content="".join(texts[k])),
                          finish_reason=finals[k].finish_reason,
@@ -593,7 +672,9 @@ def create_app(
         completion_tokens = sum(f.num_generated_tokens for f in finals)
         usage = p.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                             total_tokens=prompt_tokens + completion_tokens)
-        return p.ChatCompletionResponse(id=rid, model=model, choices=choices, usage=usage)
+        prompt_logprobs = _prompt_logprobs(token_text or _TokenText(engine.engine.tokenizer), prompt_lps[0])
+        return p.ChatCompletionResponse(id=rid, model=model, choices=choices, usage=usage,
+                                        prompt_logprobs=prompt_logprobs)
 
     async def _chat_events(stream: RequestStream, rid: str, model: str, body: p.ChatCompletionRequest,
                            timers: list[TokenTimer], token_text: _TokenText | None) -> AsyncIterator[str]:
