@@ -1,13 +1,14 @@
 """Throughput cost of structured outputs: constrained vs unconstrained requests, offline, one run.
 
-    python benchmarks/structured_cost.py [--batch 16] [--gen-len 64] [--dtype bfloat16]
+    python benchmarks/structured_cost.py [--batch 8] [--gen-len 32] [--dtype bfloat16]
 
 Every request generates exactly --gen-len tokens: the unconstrained ones with ignore_eos, the
 constrained ones under JSON schemas that cannot be complete that early (an array of at least 1000
 integers; a string of at least 1000 characters), so that each row decodes the same batch for the
 same number of steps and only the grammar work differs. Rows: all unconstrained, all constrained
 (each schema), half and half, and batch 1 of each. Also times compiling a schema (first time vs
-cached). Prints a table and writes JSON.
+cached) and the sampler alone on fixed logits, with and without constrained rows (the grammar's
+own per-step cost, free of the forward's noise). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from bench_json import write_json
 
 from slserve import LLM, SamplingParams
+from slserve.request import Request
 from slserve.sampling_params import StructuredOutputsParams
 
 SCHEMAS = {
@@ -41,18 +43,37 @@ def run(llm: LLM, prompts, params: list[SamplingParams], gen_len: int) -> float:
     return len(prompts) * gen_len / elapsed
 
 
+def sampler_ms(llm: LLM, batch: int, constrained: bool, reps: int = 20) -> float:
+    """Mean time of one Sampler call on [batch, vocab] logits, every row greedy, each constrained
+    row's matcher inside the int array (so the mask changes little between calls)."""
+    engine = llm.engine
+    vocab = engine.model_config.vocab_size
+    logits = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(0))
+    reqs = [Request(f"r{i}", [1], SamplingParams(temperature=0)) for i in range(batch)]
+    if constrained:
+        for r in reqs:
+            r.matcher = engine.grammars.matcher(StructuredOutputsParams(json=SCHEMAS["int array"]))
+            r.matcher.accept_string("[12, 3")
+    engine.sampler(logits, reqs)
+    t = time.perf_counter()
+    for _ in range(reps):
+        engine.sampler(logits, reqs)
+    return (time.perf_counter() - t) / reps * 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--gen-len", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (1 on a shared machine)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/structured_cost.json")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
-    llm = LLM(dtype=args.dtype)
+    llm = LLM(dtype=args.dtype, threads=args.threads, pool_bytes=512 << 20)
     grammars = llm.engine.grammars
     t = time.perf_counter()
     grammars.compile(StructuredOutputsParams(json=SCHEMAS["int array"]))
@@ -86,12 +107,15 @@ def main() -> None:
         base = next(x for x in rows if x["batch"] == r["batch"] and x["case"].endswith("unconstrained"))
         r["vs_unconstrained"] = r["tok_s"] / base["tok_s"]
 
+    sampler = {"unconstrained_ms": sampler_ms(llm, b, False), "constrained_ms": sampler_ms(llm, b, True)}
     print(f"compile a schema: first {compile_first * 1e3:.1f} ms, cached {compile_cached * 1e6:.1f} us")
+    print(f"sampler, {b} greedy rows: unconstrained {sampler['unconstrained_ms']:.2f} ms, "
+          f"all constrained {sampler['constrained_ms']:.2f} ms per step")
     print(f"{'case':34} {'batch':>5} {'tok/s':>8} {'vs unconstrained':>17}")
     for r in rows:
         print(f"{r['case']:34} {r['batch']:>5} {r['tok_s']:>8.1f} {r['vs_unconstrained']:>16.1%}")
     write_json(args.out, {"args": vars(args), "compile_first_s": compile_first,
-                          "compile_cached_s": compile_cached, "rows": rows})
+                          "compile_cached_s": compile_cached, "sampler_step": sampler, "rows": rows})
 
 
 if __name__ == "__main__":
