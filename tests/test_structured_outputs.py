@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -183,16 +186,14 @@ def hf():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, hf):
-    """A real server (float32) with two peft-made LoRA adapters uploaded."""
-    root = tmp_path_factory.mktemp("structured")
+@contextmanager
+def server_with_adapters(root: Path, make_adapters: Callable[[], dict[str, Path]]) -> Iterator[ServerProcess]:
+    """A real server (float32) with the adapters `make_adapters` writes (while the server loads)
+    uploaded under their names."""
     proc = ServerProcess(root / "adapters", root / "server.log")
     proc.start()
     try:
-        adapters = {"lora-q": make_peft_adapter(hf.model, root / "q", r=2, targets=["q_proj"], seed=0),
-                    "lora-vo": make_peft_adapter(hf.model, root / "vo", r=8, targets=["v_proj", "o_proj"],
-                                                 seed=1, std=0.05)}
+        adapters = make_adapters()
         proc.wait_ready()
         for name, path in adapters.items():
             r = upload(proc.url, name, path)
@@ -200,6 +201,18 @@ def server(tmp_path_factory, hf):
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, hf):
+    """Two peft-made LoRA adapters."""
+    root = tmp_path_factory.mktemp("structured")
+    with server_with_adapters(root, lambda: {
+        "lora-q": make_peft_adapter(hf.model, root / "q", r=2, targets=["q_proj"], seed=0),
+        "lora-vo": make_peft_adapter(hf.model, root / "vo", r=8, targets=["v_proj", "o_proj"], seed=1,
+                                     std=0.05),
+    }) as proc:
+        yield proc
 
 
 @torch.no_grad()

@@ -265,11 +265,16 @@ class _SamplingRequest(_Body):
         """How many top logprobs the engine keeps per prompt token (None: no prompt logprobs)."""
         return self.prompt_logprobs
 
+    @property
+    def num_candidates(self) -> int:
+        """Engine requests per prompt (best_of may ask for more than the n returned)."""
+        return self.n
+
     def sampling_params(self, max_tokens: int, logprobs: int | None, vocab_size: int,
                         structured: StructuredOutputsParams | None = None) -> list[SamplingParams]:
         """One SamplingParams per choice; seeded choices get seed + i so that they differ."""
         top_k = -1 if self.top_k in (None, 0) else self.top_k
-        if self.seed is not None and not INT64_MIN <= self.seed <= INT64_MAX - (self.n - 1):
+        if self.seed is not None and not INT64_MIN <= self.seed <= INT64_MAX - (self.num_candidates - 1):
             message = f"seed must be in [-2**63, 2**63 - n] (choice i uses seed + i), got {self.seed}"
             raise APIError(400, message, "seed")
         try:
@@ -294,7 +299,7 @@ class _SamplingRequest(_Body):
                     min_tokens=self.min_tokens,
                     structured_outputs=structured,
                 )
-                for i in range(self.n)
+                for i in range(self.num_candidates)
             ]
             params[0].check_vocab(vocab_size)
         except SamplingParamsError as e:
@@ -315,6 +320,18 @@ class CompletionRequest(_SamplingRequest):
         wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
         return max(wanted) if wanted else None
 
+    @property
+    def num_candidates(self) -> int:
+        return self.best_of if self.best_of is not None else self.n
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        """best_of ranks its candidates by their tokens' logprobs, so it needs them even when the
+        response shows none."""
+        if self.num_candidates > self.n:
+            return self.logprobs or 0
+        return self.logprobs
+
     def prompts(self) -> list[str | list[int]]:
         """The prompts, each a string or a list of token ids."""
         p = self.prompt
@@ -328,8 +345,12 @@ class CompletionRequest(_SamplingRequest):
 
     def check(self) -> None:
         self.check_common()
-        if self.best_of is not None and self.best_of != self.n:
-            raise APIError(400, "best_of other than n is not supported", "best_of")
+        if self.best_of is not None:
+            if not self.n <= self.best_of <= MAX_N:
+                raise APIError(400, f"best_of must be between n ({self.n}) and {MAX_N}, got {self.best_of}",
+                               "best_of")
+            if self.best_of > self.n and self.stream:  # the best are known only at the end
+                raise APIError(400, "best_of greater than n is not available when stream is true", "best_of")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}", "logprobs")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:

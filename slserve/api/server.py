@@ -560,7 +560,7 @@ def create_app(
         items = []
         for i, ids in enumerate(prompts):
             max_tokens = body.max_tokens if body.max_tokens is not None else max(1, max_model_len - len(ids))
-            choices = body.sampling_params(max_tokens, body.logprobs, vocab_size(), structured)
+            choices = body.sampling_params(max_tokens, body.engine_logprobs, vocab_size(), structured)
             for j, params in enumerate(choices):
                 items.append(GenerateItem(f"{rid}-{i}-{j}", ids, params, adapter))
             check_length(len(ids), max_tokens)
@@ -569,7 +569,8 @@ def create_app(
         if body.echo:  # a text prompt as sent, token ids decoded
             texts = await off_loop(lambda: [x if isinstance(x, str) else engine.engine.tokenizer.decode(x)
                                             for x in body.prompts()])
-            echoes = [_Echo(texts[i], ids) for i, ids in enumerate(prompts) for _ in range(body.n)]
+            echoes = [_Echo(texts[i], ids) for i, ids in enumerate(prompts)
+                      for _ in range(body.num_candidates)]
         choices = _CompletionChoices(body, len(items), _TokenText(engine.engine.tokenizer), echoes)
         stream = await engine.submit(items)
         timers = [TokenTimer(metrics, t0) for _ in items]
@@ -583,11 +584,21 @@ def create_app(
     async def _completion_response(stream: RequestStream, rid: str, model: str, num_prompts: int,
                                    body: p.CompletionRequest, timers: list[TokenTimer],
                                    make_choice: _CompletionChoices) -> p.CompletionResponse:
-        n = body.n
+        per_prompt = body.num_candidates
         texts, lps, prompt_lps, finals = await _collect(stream, timers)
-        choices = [make_choice(k, "".join(texts[k]), finals[k].finish_reason, lps[k], prompt_lps[k])
-                   for k in range(len(timers))]
-        prompt_tokens = sum(finals[i * n].num_prompt_tokens for i in range(num_prompts))
+        order: list[int] = list(range(len(timers)))
+        if per_prompt > body.n:  # best_of: each prompt's n candidates of highest mean token logprob
+            def mean_logprob(k: int) -> float:
+                return sum(lp.logprob for lp in lps[k]) / max(1, len(lps[k]))
+
+            order = [k for i in range(num_prompts)
+                     for k in sorted(range(i * per_prompt, (i + 1) * per_prompt), key=mean_logprob,
+                                     reverse=True)[:body.n]]
+        choices = []
+        for index, k in enumerate(order):
+            choices.append(make_choice(k, "".join(texts[k]), finals[k].finish_reason, lps[k], prompt_lps[k]))
+            choices[-1].index = index
+        prompt_tokens = sum(finals[i * per_prompt].num_prompt_tokens for i in range(num_prompts))
         completion_tokens = sum(f.num_generated_tokens for f in finals)
         usage = p.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                             total_tokens=prompt_tokens + completion_tokens)
@@ -606,7 +617,7 @@ def create_app(
                     timers[k].tokens(len(out.new_token_ids))
                     if out.finished:
                         timers[k].finish()
-                        prompt_tokens[k // body.n] = out.num_prompt_tokens
+                        prompt_tokens[k // body.num_candidates] = out.num_prompt_tokens
                         completion_tokens += out.num_generated_tokens
                         if (err := _finish_error(out)) is not None:
                             yield _sse(json.dumps(error_body(err.status, err.message, code=err.code)))

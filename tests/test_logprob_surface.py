@@ -1,5 +1,6 @@
 """Prompt logprobs: OpenAI's `echo` (with `logprobs`) on /v1/completions and vLLM's
-`prompt_logprobs`, checked against transformers' log-softmax of the same prompt in float32.
+`prompt_logprobs`, checked against transformers' log-softmax of the same prompt in float32; and
+`best_of`, which returns the candidates of highest mean token logprob.
 
 Position p's logits give token p + 1's logprob; the first prompt token has none (null). The
 engine is checked offline with a prefill split into chunks (so that the rows come from several
@@ -18,7 +19,8 @@ from slserve import LLM
 from slserve.model.loader import resolve_model
 from slserve.sampling_params import SamplingParams
 from tests.peft_util import make_peft_adapter
-from tests.test_server import BASE, THREADS, ServerProcess, assert_error, openai_client, upload
+from tests.test_server import BASE, THREADS, assert_error, openai_client
+from tests.test_structured_outputs import server_with_adapters
 
 pytestmark = [pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
 slow = pytest.mark.slow
@@ -75,18 +77,13 @@ def test_engine_prompt_logprobs_over_chunked_prefill(hf):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, hf):
+    """(server, the directory of its peft-made adapter "tiny")."""
     root = tmp_path_factory.mktemp("echo")
-    proc = ServerProcess(root / "adapters", root / "server.log")
-    proc.start()
-    try:
-        model, _ = hf
-        path = make_peft_adapter(model, root / "peft", r=4, targets=["q_proj", "v_proj"], seed=3, std=0.05)
-        proc.wait_ready()
-        r = upload(proc.url, "tiny", path)
-        assert r.status_code == 201, r.text
+    path = root / "peft"
+    with server_with_adapters(root, lambda: {
+        "tiny": make_peft_adapter(hf[0], path, r=4, targets=["q_proj", "v_proj"], seed=3, std=0.05),
+    }) as proc:
         yield proc, path
-    finally:
-        proc.stop()
 
 
 @slow
@@ -185,3 +182,31 @@ def test_prompt_logprobs_errors(server):
         openai_client(proc.url).chat.completions.create(
             model=BASE, messages=[{"role": "user", "content": "x"}], extra_body={"echo": True})
     assert info.value.body["param"] == "echo"
+
+
+@slow
+def test_best_of_returns_the_candidates_of_highest_mean_logprob(server):
+    """best_of 3 with seed s runs the candidates n = 3 with seed s gives (choice i: seed s + i);
+    the one returned must be the one whose sampled tokens have the highest mean logprob."""
+    proc, _ = server
+    client = openai_client(proc.url)
+    common = {"model": BASE, "prompt": PROMPT, "max_tokens": 6, "temperature": 1.0, "seed": 11, "logprobs": 0}
+    candidates = client.completions.create(n=3, **common).choices
+    means = [sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in candidates]
+    assert len(set(means)) == 3  # the seeds drew three different continuations
+    best = client.completions.create(n=1, best_of=3, **common)
+    assert [c.text for c in best.choices] == [candidates[means.index(max(means))].text]
+    assert best.usage.completion_tokens == 18  # every candidate is generated (and counted)
+    two = client.completions.create(n=2, best_of=3, **{**common, "logprobs": None})
+    ranked = sorted(range(3), key=lambda i: -means[i])[:2]
+    assert [c.text for c in two.choices] == [candidates[i].text for i in ranked]
+    assert [c.index for c in two.choices] == [0, 1] and two.choices[0].logprobs is None
+
+
+@slow
+def test_best_of_errors(server):
+    proc, _ = server
+    url = f"{proc.url}/v1/completions"
+    for fields in ({"n": 3, "best_of": 2}, {"best_of": 200}, {"best_of": 2, "stream": True}):
+        body = {"model": BASE, "prompt": "x", "max_tokens": 2, **fields}
+        assert_error(httpx.post(url, json=body, timeout=60), 400, param="best_of")
