@@ -88,12 +88,17 @@ class Grammars:
             "regex": lambda: self._compiler.compile_regex(text),
             "grammar": lambda: self._compiler.compile_grammar(text),
         }[kind]
+        what = "JSON schema" if kind == "json" else kind
         try:
-            return compile_fn()
-        except RuntimeError as e:
+            grammar = compile_fn()
+        except (RuntimeError, ValueError, TypeError) as e:
             message = _XGR_PREFIX.sub("", str(e).strip().splitlines()[0] if str(e).strip() else "")
-            raise GrammarError(f"cannot compile the {'JSON schema' if kind == 'json' else kind}: "
-                               f"{message or type(e).__name__}") from None
+            raise GrammarError(f"cannot compile the {what}: {message or type(e).__name__}") from None
+        # A grammar whose language is empty (`root ::= root`) compiles, but would leave its request
+        # no token to sample.
+        if not bool(fill_masks([self._xgr.GrammarMatcher(grammar)], self.vocab_size).any()):
+            raise GrammarError(f"the {what} matches no output at all")
+        return grammar
 
     def matcher(self, so: StructuredOutputsParams):
         """A fresh matcher at the start of `so`'s grammar."""

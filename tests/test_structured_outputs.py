@@ -136,6 +136,7 @@ def test_grammar_compiled_once_per_spec(grammars):
     (S(json="{not json"), "JSON"),
     (S(regex="(ab"), "parenthesis"),
     (S(grammar="root ::= missing"), 'Rule "missing" is not defined'),
+    (S(grammar="root ::= root"), "matches no output"),
 ])
 def test_specs_that_cannot_compile_name_the_problem(grammars, spec, words):
     with pytest.raises(GrammarError) as info:
