@@ -423,6 +423,10 @@ def create_app(
     metrics = ServerMetrics()
     drain = Drain(engine)
     tokenize_pool = ThreadPoolExecutor(_TOKENIZE_THREADS, thread_name_prefix="slserve-tokenize")
+    # Grammars compile on their own thread (xgrammar releases the GIL meanwhile): a spec that takes
+    # seconds (a regex like `.{1,30000}`) then delays only other structured requests' compiles,
+    # never the tokenizing of every request.
+    grammar_pool = ThreadPoolExecutor(1, thread_name_prefix="slserve-grammar")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -434,6 +438,7 @@ def create_app(
         finally:
             watch.cancel()
             tokenize_pool.shutdown(wait=False, cancel_futures=True)
+            grammar_pool.shutdown(wait=False, cancel_futures=True)
             await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
 
     async def _watch_startup() -> None:
@@ -490,7 +495,9 @@ def create_app(
         so, param = body.structured_outputs()
         if so is not None:
             try:
-                await off_loop(lambda: engine.engine.grammars.compile(so))
+                # the first call also builds the compiler (seconds): off the loop as well
+                await asyncio.get_running_loop().run_in_executor(
+                    grammar_pool, lambda: engine.engine.grammars.compile(so))
             except GrammarError as e:
                 raise APIError(400, f"{param}: {e}", param) from None
         return so
