@@ -289,6 +289,24 @@ def test_json_object_regex_choice_and_grammar(server):
 
 
 @slow
+def test_vllm_structured_outputs_extra(server):
+    client = openai_client(server.url)
+    schema = SCHEMAS["ref_definitions"]
+    out = client.completions.create(model="lora-q", prompt="A line from (1, 2) to (3, 4) in JSON:",
+                                    max_tokens=MAX_TOKENS, temperature=0,
+                                    extra_body={"structured_outputs": {"json": schema}})
+    assert_valid(out.choices[0].text, out.choices[0].finish_reason, schema)
+    year = "(19|20)[0-9]{2}"
+    out = client.chat.completions.create(model=BASE, messages=messages("a year"), max_tokens=10,
+                                         temperature=0, extra_body={"structured_outputs": {"regex": year}})
+    assert re.fullmatch(year, out.choices[0].message.content), out.choices[0]
+    # Its options this server lacks are refused as unknown fields, never dropped.
+    r = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+        "model": BASE, "prompt": "x", "structured_outputs": {"regex": "a", "disable_any_whitespace": True}})
+    assert r.status_code == 422 and "disable_any_whitespace" in r.text, r.text
+
+
+@slow
 def test_streamed_structured_output_concatenates_to_valid_json(server):
     client = openai_client(server.url)
     schema = SCHEMAS["array_of_objects"]
@@ -312,6 +330,10 @@ BAD_SPECS = [
      "response_format", "JSON schema"),
     ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "only one of"),
     ({"guided_regex": "a+", "min_tokens": 2}, "min_tokens", "min_tokens"),
+    ({"structured_outputs": {}}, "structured_outputs", "exactly one"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "exactly one"),
+    ({"structured_outputs": {"json": "[1]"}}, "structured_outputs.json", "JSON object"),
+    ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs", 'Rule "x" is not defined'),
 ]
 
 

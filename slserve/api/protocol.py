@@ -52,7 +52,6 @@ _VLLM_NOT_IMPLEMENTED: dict[str, tuple] = {
     "bad_words": ([],),
     "guided_decoding_backend": ("xgrammar", "auto"),  # the one backend here
     "guided_whitespace_pattern": (),
-    "structured_outputs": (),
     "structural_tag": (),
     "priority": (0,),
     "logits_processors": (),
@@ -168,8 +167,33 @@ class ResponseFormat(_Request):
     json_schema: JSONSchemaFormat | None = None
 
 
+class StructuredOutputsField(_Request):
+    """vLLM's `structured_outputs` extra: exactly one of these. Its other options (whitespace,
+    fallback, structural tags) are refused as unknown fields (422)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_schema: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 # The request fields that constrain the output; at most one per request.
-_STRUCTURED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+_STRUCTURED_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                      "guided_grammar")
+
+
+def _json_schema(value: str | dict[str, Any], param: str) -> dict[str, Any]:
+    """A JSON schema given as an object or as its JSON text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise APIError(400, f"{param} is not valid JSON: {e}", param) from None
+    if not isinstance(value, dict):
+        raise APIError(400, f"{param} must be a JSON schema (a JSON object)", param)
+    return value
 
 
 class _SamplingRequest(_Body):
@@ -201,6 +225,7 @@ class _SamplingRequest(_Body):
     guided_regex: str | None = None  # extra
     guided_choice: list[str] | None = None  # extra
     guided_grammar: str | None = None  # extra: EBNF (xgrammar's dialect)
+    structured_outputs: StructuredOutputsField | None = None  # extra: vLLM's newer form of the above
 
     def check_common(self) -> None:
         if not 1 <= self.n <= MAX_N:
@@ -222,7 +247,7 @@ class _SamplingRequest(_Body):
     def response_id(self, kind: str) -> str:
         return f"{kind}-{self.request_id if self.request_id is not None else uuid.uuid4().hex}"
 
-    def structured_outputs(self) -> tuple[StructuredOutputsParams | None, str | None]:
+    def output_constraint(self) -> tuple[StructuredOutputsParams | None, str | None]:
         """What the output must match, and the request field that asked for it (None, None: free)."""
         given = [name for name in _STRUCTURED_FIELDS if getattr(self, name) is not None]
         if self.response_format is not None and self.response_format.type == "text":
@@ -245,16 +270,17 @@ class _SamplingRequest(_Body):
             if fmt.json_schema is None or fmt.json_schema.json_schema is None:
                 raise APIError(400, "response_format of type json_schema needs json_schema.schema", name)
             return StructuredOutputsParams(json=fmt.json_schema.json_schema)
+        if name == "structured_outputs":
+            so = self.structured_outputs
+            schema = so.json_schema
+            if schema is not None:
+                schema = _json_schema(schema, "structured_outputs.json")
+            return StructuredOutputsParams(
+                json=schema,
+                json_object=bool(so.json_object), regex=so.regex, grammar=so.grammar,
+                choice=None if so.choice is None else tuple(so.choice))
         if name == "guided_json":
-            schema = self.guided_json
-            if isinstance(schema, str):
-                try:
-                    schema = json.loads(schema)
-                except ValueError as e:
-                    raise APIError(400, f"guided_json is not valid JSON: {e}", name) from None
-            if not isinstance(schema, dict):
-                raise APIError(400, "guided_json must be a JSON schema (a JSON object)", name)
-            return StructuredOutputsParams(json=schema)
+            return StructuredOutputsParams(json=_json_schema(self.guided_json, name))
         if name == "guided_choice":
             return StructuredOutputsParams(choice=tuple(self.guided_choice))
         if name == "guided_regex":

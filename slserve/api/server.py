@@ -492,7 +492,7 @@ def create_app(
                                  ) -> StructuredOutputsParams | None:
         """The request's output constraint, compiled here (off the loop, into the engine's cache)
         so that a spec that cannot compile is a 400 naming it before anything is queued."""
-        so, param = body.structured_outputs()
+        so, param = body.output_constraint()
         if so is not None:
             try:
                 # the first call also builds the compiler (seconds): off the loop as well
