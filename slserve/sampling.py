@@ -80,9 +80,9 @@ class Sampler:
             return logits
         logits = logits.clone()
         if guided:
-            idx = torch.tensor(guided, device=logits.device)
-            allowed = fill_masks([requests[i].matcher for i in guided], vocab).to(logits.device)
-            logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+            banned = fill_masks([requests[i].matcher for i in guided], vocab).logical_not_().to(logits.device)
+            for row, i in enumerate(guided):  # in place, row by row: no gather and scatter of the rows
+                logits[i].masked_fill_(banned[row], float("-inf"))
         if rows:
             index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
             # accumulate: -inf wins over a bias on the same token
