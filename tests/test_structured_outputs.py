@@ -172,6 +172,36 @@ def test_sampler_masks_only_constrained_rows(grammars):
     assert sampler._process(logits, free) is logits
 
 
+def test_seeded_constrained_request_is_reproducible_whatever_the_batch(grammars):
+    """The same seeded, constrained request sampled over several steps (the same logits row each
+    step) alone and inside batches of other seeded, unseeded, constrained and free requests draws
+    the same tokens."""
+    vocab = grammars.vocab_size
+
+    def run(others: int) -> list[int]:
+        req = Request("me", [1, 2], SamplingParams(temperature=1.3, seed=42))
+        req.matcher = grammars.matcher(S(regex="[a-z]{2,12}"))
+        batch = [Request(f"o{i}", [3], SamplingParams(temperature=0.9, seed=i if i % 2 else None))
+                 for i in range(others)]
+        for other in batch[::3]:
+            other.matcher = grammars.matcher(S(regex="[0-9]{8,9}"))  # not complete within 4 steps
+        mine, theirs = torch.Generator().manual_seed(0), torch.Generator().manual_seed(others)
+        sampler = Sampler(seed=others)
+        tokens = []
+        for _ in range(4):
+            rows = [*batch[: others // 2], req, *batch[others // 2:]]
+            logits = torch.randn(len(rows), vocab, generator=theirs)
+            logits[others // 2] = torch.randn(vocab, generator=mine)
+            out, _ = sampler(logits, rows)
+            for row, token in zip(rows, out, strict=True):
+                assert row.matcher is None or row.matcher.accept_token(token)
+            tokens.append(out[others // 2])
+        return tokens
+
+    alone = run(0)
+    assert run(5) == alone and run(12) == alone
+
+
 # -- through the openai client against a real server ---------------------------------------------
 
 
