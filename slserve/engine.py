@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -31,11 +32,14 @@ from slserve.output_processor import OutputProcessor
 from slserve.outputs import StepOutput
 from slserve.parallel import Shard, check_tp
 from slserve.plan import AdapterLoad, StepPlan, build_plan
+from slserve.prompt_logprobs import add_rows as add_prompt_logprob_rows
+from slserve.prompt_logprobs import record as record_prompt_logprobs
 from slserve.request import Request
 from slserve.runner import ModelRunner, runner_device
 from slserve.sampling import Sampler
 from slserve.sampling_params import SamplingParams
 from slserve.scheduler.scheduler import Scheduler
+from slserve.structured import GrammarError, Grammars
 from slserve.tp import TPWorkers, WorkerFailure
 
 logger = logging.getLogger(__name__)
@@ -113,6 +117,8 @@ class Engine:
         self.eos_ids = eos_ids
         self.sampler = Sampler(config.seed, eos_ids)
         self.output_processor = OutputProcessor(self.tokenizer, eos_ids)
+        self._grammars: Grammars | None = None
+        self._grammars_lock = threading.Lock()
         self.counters = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0,
                          "failed_steps": 0, "step_adapters": 0, "step_adapter_bytes": 0}
         self.last_step_error: str | None = None  # "ExceptionType: message" of the last failed step
@@ -146,10 +152,24 @@ class Engine:
         if rid in self.requests:
             raise RequestError(f"duplicate request id {rid}")
         req = Request(rid, ids, params, adapter)
+        if params.structured_outputs is not None:
+            try:
+                req.matcher = self.grammars.matcher(params.structured_outputs)
+            except GrammarError as e:
+                raise RequestError(str(e), param="structured_outputs") from None
         self.requests[rid] = req
         self.scheduler.add(req)
         self.counters["prompt_tokens"] += len(ids)
         return req
+
+    @property
+    def grammars(self) -> Grammars:
+        """The structured-output compiler, built on first use (thread-safe once built; the HTTP
+        server builds it through its first compile, on a worker thread)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_ids))
+            return self._grammars
 
     def abort(self, request_id: str) -> StepOutput | None:
         req = self.requests.pop(request_id, None)
@@ -181,8 +201,12 @@ class Engine:
         try:
             plan, sample = build_plan(sched.scheduled, self.config.page_tokens)
             self._count_adapters(sched.scheduled)
+            prompt_spans = add_prompt_logprob_rows(plan, sched.scheduled)
             plan.adapter_commands = self.adapter_cache.take_commands()
             logits = self._execute(plan)
+            if prompt_spans:  # the rows after the sampling ones
+                record_prompt_logprobs(logits[len(sample):], prompt_spans)
+                logits = logits[: len(sample)]
             self.scheduler.advance(sched.scheduled)
             sampled = []
             if sample:

@@ -52,6 +52,8 @@ class LLM:
                 finish_reason=r.finish_reason if r.error is None else f"error: {r.error}",
                 adapter=r.adapter,
                 logprobs=r.logprobs if r.params.logprobs is not None else None,
+                prompt_logprobs=((r.prompt_logprobs or [None]) if r.params.prompt_logprobs is not None
+                                 else None),
             )
             for r in reqs
         ]

@@ -1,7 +1,8 @@
 """Text out of tokens: incremental detokenizing, stop checks and the per-step output of a request.
 
 The scheduler owns a request's state (tokens, pages, status); this module only reads the tokens,
-keeps the request's text and tells the engine why a request should stop.
+keeps the request's text, advances a structured output's grammar matcher and tells the engine why
+a request should stop.
 """
 
 from __future__ import annotations
@@ -19,6 +20,13 @@ class OutputProcessor:
         """Detokenize the newest token and say whether it ends the request ("stop", "length")."""
         params = req.params
         self._detokenize(req)
+        if req.matcher is not None:
+            # The mask allowed only tokens the grammar accepts, so a refusal is a bug: it ends this
+            # request (the engine's per-request failure boundary) rather than letting it go astray.
+            if not req.matcher.accept_token(token):
+                raise RuntimeError(f"the grammar of structured outputs refused token {token}")
+            if req.matcher.is_terminated():  # it accepted a stop token: the output is complete
+                return "stop"
         if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
             return "stop"
         if params.stop and req.num_output_tokens > params.min_tokens and self._check_stop_strings(req):
@@ -34,6 +42,10 @@ class OutputProcessor:
         end = max(req.emitted_text_len, len(req.text) - hold)
         delta = req.text[req.emitted_text_len : end]
         req.emitted_text_len = end
+        prompt_lps = None
+        if req.params.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+            req.prompt_logprobs_sent = True
+            prompt_lps = req.prompt_logprobs or [None]  # a one-token prompt has just the None
         return StepOutput(
             request_id=req.request_id,
             new_token_ids=new_ids,
@@ -43,6 +55,7 @@ class OutputProcessor:
             num_prompt_tokens=req.num_prompt_tokens,
             num_generated_tokens=req.num_output_tokens,
             new_logprobs=list(new_lps),
+            prompt_logprobs=prompt_lps,
             error=req.error,
             error_status=req.error_status,
         )

@@ -10,6 +10,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # the k most likely (token_id, logprob), most likely first
+    rank: int | None = None  # the token's place in the distribution (1: most likely), when known
 
 
 @dataclass
@@ -24,6 +25,8 @@ class StepOutput:
     num_prompt_tokens: int
     num_generated_tokens: int
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # With params.prompt_logprobs, on the request's first output: one per prompt token, None first.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     error: str | None = None
     # With finish_reason "error": 404 adapter gone, 400 can never fit, 500 the step failed.
     error_status: int | None = None
@@ -40,3 +43,4 @@ class RequestOutput:
     finish_reason: str | None
     adapter: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None

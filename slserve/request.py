@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,7 +43,11 @@ class Request:
     error: str | None = None
     error_status: int | None = None  # the HTTP status an error maps to (404, 400, 500)
     generator: torch.Generator | None = None
+    # Structured outputs: the xgrammar GrammarMatcher, advanced with each accepted token.
+    matcher: Any = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # see prompt_logprobs.py
+    prompt_logprobs_sent: bool = False  # in a StepOutput already
     num_preemptions: int = 0
     overtaken: int = 0  # later requests admitted ahead of it (scheduler: affinity_bound)
     first_token_time: float | None = None

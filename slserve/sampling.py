@@ -1,7 +1,8 @@
-"""Turns a step's logits into one token per request: logit_bias, min_tokens, penalties, then
-greedy or temperature, min-p, top-k, top-p, seeds.
+"""Turns a step's logits into one token per request: the grammar mask of structured outputs,
+logit_bias, min_tokens, penalties, then greedy or temperature, min-p, top-k, top-p, seeds.
 
-The order is vLLM's: logit_bias and the min_tokens mask, then the repetition, frequency and
+The order is vLLM's: the grammar mask (slserve.structured; its disallowed tokens get -inf, which
+nothing later can undo), logit_bias and the min_tokens mask, then the repetition, frequency and
 presence penalties (these change the argmax, so greedy rows get them too), then for sampled rows
 temperature, min-p, top-k and top-p. Each stage runs only on the rows that ask for it, so a batch
 without these settings pays nothing for them. Logprobs are the model's, taken before any of this
@@ -20,6 +21,7 @@ import torch
 
 from slserve.outputs import TokenLogprob
 from slserve.request import Request
+from slserve.structured import fill_masks
 
 
 class Sampler:
@@ -55,9 +57,10 @@ class Sampler:
         return token_list, logprobs
 
     def _process(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """logit_bias, the min_tokens mask and the penalties, on a copy (logprobs read the
-        original); `logits` itself when no request asks for any of them."""
+        """The grammar mask, logit_bias, the min_tokens mask and the penalties, on a copy (logprobs
+        read the original); `logits` itself when no request asks for any of them."""
         vocab = logits.shape[1]
+        guided = [i for i, r in enumerate(requests) if r.matcher is not None]
         rows, cols, values = [], [], []
         for i, r in enumerate(requests):
             for token, bias in r.params.logit_bias.items():
@@ -73,9 +76,13 @@ class Sampler:
                         cols.append(token)
                         values.append(float("-inf"))
         penalized = [i for i, r in enumerate(requests) if r.params.penalized]
-        if not rows and not penalized:
+        if not rows and not penalized and not guided:
             return logits
         logits = logits.clone()
+        if guided:
+            banned = fill_masks([requests[i].matcher for i in guided], vocab).logical_not_().to(logits.device)
+            for row, i in enumerate(guided):  # in place, row by row: no gather and scatter of the rows
+                logits[i].masked_fill_(banned[row], float("-inf"))
         if rows:
             index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
             # accumulate: -inf wins over a bias on the same token

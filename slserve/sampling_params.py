@@ -27,6 +27,32 @@ class SamplingParamsError(ValueError):
         self.param = param
 
 
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What the output must match, shaped like vLLM's: exactly one of a JSON schema (a dict, or
+    its JSON text), any JSON object, a regular expression, one of several strings, or an EBNF
+    grammar (xgrammar's dialect, GBNF-like). Compiled by slserve.structured."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [self.json is not None, self.json_object, self.regex is not None, self.choice is not None,
+                 self.grammar is not None]
+        if sum(given) != 1:
+            raise SamplingParamsError("structured outputs need exactly one of json, json_object, regex, "
+                                      f"choice and grammar; got {sum(given)}", "structured_outputs")
+        choice = self.choice
+        if choice is not None and not (choice and all(isinstance(c, str) and c for c in choice)):
+            raise SamplingParamsError("choice must be a non-empty list of non-empty strings",
+                                      "structured_outputs")
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -38,6 +64,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: the sampled token's logprob plus the top k
+    prompt_logprobs: int | None = None  # the same for every prompt token (the first has none)
     include_stop_str_in_output: bool = False
     # OpenAI's penalties on the output so far: logit[t] -= count[t] * frequency + (count[t] > 0) * presence.
     presence_penalty: float = 0.0
@@ -49,6 +76,8 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     min_p: float = 0.0  # drop tokens whose probability is below min_p x the most likely one's
     min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many output tokens
+    # The output must match this (a token mask per step); the request stops when it is complete.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -67,6 +96,8 @@ class SamplingParams:
              f"seed must be in [-2**63, 2**63 - 1], got {self.seed}"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20,
              f"logprobs must be in [0, 20], got {self.logprobs}"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
             ("stop", all(self.stop), "stop strings must be non-empty"),
             ("stop_token_ids", all(0 <= t <= INT64_MAX for t in self.stop_token_ids),
              "stop_token_ids must be token ids in [0, 2**63 - 1]"),
@@ -81,6 +112,10 @@ class SamplingParams:
             ("min_p", 0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
             ("min_tokens", 0 <= self.min_tokens <= self.max_tokens,
              f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"),
+            # The grammar alone decides where a structured output may end.
+            ("min_tokens", not (self.min_tokens and self.structured_outputs),
+             "min_tokens cannot be combined with structured outputs: the grammar decides where the "
+             "output ends"),
         )
         for param, ok, message in checks:
             if not ok:

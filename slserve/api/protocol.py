@@ -24,7 +24,13 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_serializer, model_validator
 
 from slserve.api.errors import APIError
-from slserve.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, SamplingParamsError
+from slserve.sampling_params import (
+    INT64_MAX,
+    INT64_MIN,
+    SamplingParams,
+    SamplingParamsError,
+    StructuredOutputsParams,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +50,8 @@ _VLLM_NOT_IMPLEMENTED: dict[str, tuple] = {
     "truncate_prompt_tokens": (),
     "allowed_token_ids": (),
     "bad_words": ([],),
-    "prompt_logprobs": (),
-    "response_format": ({"type": "text"},),
-    "guided_json": (),
-    "guided_regex": (),
-    "guided_choice": (),
-    "guided_grammar": (),
-    "guided_decoding_backend": (),
+    "guided_decoding_backend": ("xgrammar", "auto"),  # the one backend here
     "guided_whitespace_pattern": (),
-    "structured_outputs": (),
     "structural_tag": (),
     "priority": (0,),
     "logits_processors": (),
@@ -65,7 +64,6 @@ _VLLM_NOT_IMPLEMENTED: dict[str, tuple] = {
 }
 _COMPLETION_NOT_IMPLEMENTED = {
     **_VLLM_NOT_IMPLEMENTED,
-    "echo": (False,),
     "suffix": ("",),
     "prompt_embeds": (),
 }
@@ -156,6 +154,48 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = False  # vLLM's; refused when true
 
 
+class JSONSchemaFormat(_Request):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced here
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputsField(_Request):
+    """vLLM's `structured_outputs` extra: exactly one of these. Its other options (whitespace,
+    fallback, structural tags) are refused as unknown fields (422)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_schema: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+# The request fields that constrain the output; at most one per request.
+_STRUCTURED_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                      "guided_grammar")
+
+
+def _json_schema(value: str | dict[str, Any], param: str) -> dict[str, Any]:
+    """A JSON schema given as an object or as its JSON text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise APIError(400, f"{param} is not valid JSON: {e}", param) from None
+    if not isinstance(value, dict):
+        raise APIError(400, f"{param} must be a JSON schema (a JSON object)", param)
+    return value
+
+
 class _SamplingRequest(_Body):
     """Fields that completions and chat share."""
 
@@ -179,10 +219,19 @@ class _SamplingRequest(_Body):
     stop_token_ids: list[int] | None = None  # extra
     include_stop_str_in_output: bool = False  # extra
     request_id: str | None = None  # extra: the response's id becomes "<kind>-<request_id>"
+    prompt_logprobs: int | None = None  # extra: per prompt token, the top k and the token itself
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict[str, Any] | None = None  # extra: a JSON schema, or its JSON text
+    guided_regex: str | None = None  # extra
+    guided_choice: list[str] | None = None  # extra
+    guided_grammar: str | None = None  # extra: EBNF (xgrammar's dialect)
+    structured_outputs: StructuredOutputsField | None = None  # extra: vLLM's newer form of the above
 
     def check_common(self) -> None:
         if not 1 <= self.n <= MAX_N:
             raise APIError(400, f"n must be between 1 and {MAX_N}, got {self.n}", "n")
+        if self.stream and self.prompt_logprobs is not None:  # as vLLM
+            raise APIError(400, "prompt_logprobs is not available when stream is true", "prompt_logprobs")
         if self.stream_options is not None:
             if not self.stream:
                 raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
@@ -198,10 +247,60 @@ class _SamplingRequest(_Body):
     def response_id(self, kind: str) -> str:
         return f"{kind}-{self.request_id if self.request_id is not None else uuid.uuid4().hex}"
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, vocab_size: int) -> list[SamplingParams]:
+    def output_constraint(self) -> tuple[StructuredOutputsParams | None, str | None]:
+        """What the output must match, and the request field that asked for it (None, None: free)."""
+        given = [name for name in _STRUCTURED_FIELDS if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.type == "text":
+            given.remove("response_format")
+        if not given:
+            return None, None
+        name = given[0]
+        if len(given) > 1:
+            raise APIError(400, f"only one of {', '.join(given)} may be given", given[1])
+        try:
+            return self._structured(name), name
+        except SamplingParamsError as e:
+            raise APIError(400, f"{name}: {e}", name) from None
+
+    def _structured(self, name: str) -> StructuredOutputsParams:
+        if name == "response_format":
+            fmt = self.response_format
+            if fmt.type == "json_object":
+                return StructuredOutputsParams(json_object=True)
+            if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+                raise APIError(400, "response_format of type json_schema needs json_schema.schema", name)
+            return StructuredOutputsParams(json=fmt.json_schema.json_schema)
+        if name == "structured_outputs":
+            so = self.structured_outputs
+            schema = so.json_schema
+            if schema is not None:
+                schema = _json_schema(schema, "structured_outputs.json")
+            return StructuredOutputsParams(
+                json=schema,
+                json_object=bool(so.json_object), regex=so.regex, grammar=so.grammar,
+                choice=None if so.choice is None else tuple(so.choice))
+        if name == "guided_json":
+            return StructuredOutputsParams(json=_json_schema(self.guided_json, name))
+        if name == "guided_choice":
+            return StructuredOutputsParams(choice=tuple(self.guided_choice))
+        if name == "guided_regex":
+            return StructuredOutputsParams(regex=self.guided_regex)
+        return StructuredOutputsParams(grammar=self.guided_grammar)
+
+    def engine_prompt_logprobs(self) -> int | None:
+        """How many top logprobs the engine keeps per prompt token (None: no prompt logprobs)."""
+        return self.prompt_logprobs
+
+    @property
+    def num_candidates(self) -> int:
+        """Engine requests per prompt (best_of may ask for more than the n returned)."""
+        return self.n
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None, vocab_size: int,
+                        structured: StructuredOutputsParams | None = None) -> list[SamplingParams]:
         """One SamplingParams per choice; seeded choices get seed + i so that they differ."""
         top_k = -1 if self.top_k in (None, 0) else self.top_k
-        if self.seed is not None and not INT64_MIN <= self.seed <= INT64_MAX - (self.n - 1):
+        if self.seed is not None and not INT64_MIN <= self.seed <= INT64_MAX - (self.num_candidates - 1):
             message = f"seed must be in [-2**63, 2**63 - n] (choice i uses seed + i), got {self.seed}"
             raise APIError(400, message, "seed")
         try:
@@ -216,6 +315,7 @@ class _SamplingRequest(_Body):
                     stop_token_ids=list(self.stop_token_ids or []),
                     ignore_eos=self.ignore_eos,
                     logprobs=logprobs,
+                    prompt_logprobs=self.engine_prompt_logprobs(),
                     include_stop_str_in_output=self.include_stop_str_in_output,
                     presence_penalty=self.presence_penalty or 0.0,
                     frequency_penalty=self.frequency_penalty or 0.0,
@@ -223,8 +323,9 @@ class _SamplingRequest(_Body):
                     logit_bias=self.logit_bias or {},
                     min_p=self.min_p or 0.0,
                     min_tokens=self.min_tokens,
+                    structured_outputs=structured,
                 )
-                for i in range(self.n)
+                for i in range(self.num_candidates)
             ]
             params[0].check_vocab(vocab_size)
         except SamplingParamsError as e:
@@ -238,7 +339,24 @@ class CompletionRequest(_SamplingRequest):
     max_tokens: int | None = 16
     logprobs: int | None = None
     best_of: int | None = None
+    echo: bool = False  # the prompt before the completion, with its logprobs when logprobs is set
     add_special_tokens: bool = True  # extra: BOS and the like when tokenizing a text prompt
+
+    def engine_prompt_logprobs(self) -> int | None:
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(wanted) if wanted else None
+
+    @property
+    def num_candidates(self) -> int:
+        return self.best_of if self.best_of is not None else self.n
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        """best_of ranks its candidates by their tokens' logprobs, so it needs them even when the
+        response shows none."""
+        if self.num_candidates > self.n:
+            return self.logprobs or 0
+        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, each a string or a list of token ids."""
@@ -253,10 +371,16 @@ class CompletionRequest(_SamplingRequest):
 
     def check(self) -> None:
         self.check_common()
-        if self.best_of is not None and self.best_of != self.n:
-            raise APIError(400, "best_of other than n is not supported", "best_of")
+        if self.best_of is not None:
+            if not self.n <= self.best_of <= MAX_N:
+                raise APIError(400, f"best_of must be between n ({self.n}) and {MAX_N}, got {self.best_of}",
+                               "best_of")
+            if self.best_of > self.n and self.stream:  # the best are known only at the end
+                raise APIError(400, "best_of greater than n is not available when stream is true", "best_of")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}", "logprobs")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}", "prompt_logprobs")
 
 
 class ContentPart(_Request):
@@ -320,6 +444,8 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
                 raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
             if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
                 raise APIError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}", "top_logprobs")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}", "prompt_logprobs")
 
     @property
     def engine_logprobs(self) -> int | None:
@@ -390,11 +516,25 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob: one entry of a prompt token's dict (token id -> this)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's prompt_logprobs: per prompt token None (the first) or {token id: PromptLogprob}, holding
+# the token itself and the top k.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's
 
 
 class CompletionResponse(BaseModel):
@@ -439,6 +579,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's
 
 
 class DeltaMessage(BaseModel):

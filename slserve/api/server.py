@@ -28,6 +28,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -44,6 +45,8 @@ from slserve.api.metrics import RequestCounter, ServerMetrics, TokenTimer
 from slserve.async_engine import AsyncEngine, GenerateItem, RequestStream
 from slserve.config import EngineConfig
 from slserve.outputs import StepOutput, TokenLogprob
+from slserve.sampling_params import StructuredOutputsParams
+from slserve.structured import GrammarError
 
 logger = logging.getLogger(__name__)
 
@@ -164,21 +167,25 @@ async def _bounded(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[by
 
 
 async def _collect(stream: RequestStream, timers: list[TokenTimer]):
-    """Drain a non-streaming request: per choice its text pieces, logprobs and final output."""
+    """Drain a non-streaming request: per choice its text pieces, logprobs, prompt logprobs (None
+    unless asked for) and final output."""
     texts: list[list[str]] = [[] for _ in timers]
     lps: list[list[TokenLogprob]] = [[] for _ in timers]
+    prompt_lps: list[list[TokenLogprob | None] | None] = [None] * len(timers)
     finals: list[StepOutput | None] = [None] * len(timers)
     async with stream:
         async for k, out in stream:
             timers[k].tokens(len(out.new_token_ids))
             texts[k].append(out.new_text)
             lps[k].extend(out.new_logprobs)
+            if out.prompt_logprobs is not None:
+                prompt_lps[k] = out.prompt_logprobs
             if out.finished:
                 timers[k].finish()
                 finals[k] = out
                 if (err := _finish_error(out)) is not None:
                     raise err
-    return texts, lps, finals
+    return texts, lps, prompt_lps, finals
 
 # error_status of a request the engine ended with an error -> its OpenAI error code
 _FINISH_ERROR_CODES = {400: "request_does_not_fit", 404: "model_not_found", 500: "engine_step_failed"}
@@ -220,24 +227,100 @@ class _TokenText:
 
 
 class _CompletionLogprobBuilder:
-    """The legacy logprobs object; text_offset counts from the start of the completion."""
+    """The legacy logprobs object; text_offset counts from the start of the completion (of the
+    echoed prompt with `echo`)."""
 
     def __init__(self, text: _TokenText) -> None:
         self.text = text
         self.offset = 0
 
-    def __call__(self, lps: list[TokenLogprob]) -> p.CompletionLogprobs:
+    def __call__(self, lps: list[TokenLogprob], prompt: _Echo | None = None) -> p.CompletionLogprobs:
+        """The entries of `lps`, after those of the echoed prompt's tokens when `prompt` is given
+        (the first one null, as OpenAI has it)."""
         out = p.CompletionLogprobs()
+        if prompt is not None:
+            prompt_lps = prompt.logprobs if prompt.logprobs is not None else [None] * len(prompt.ids)
+            for token_id, lp in zip(prompt.ids, prompt_lps, strict=True):
+                token = self.text(token_id)
+                out.tokens.append(token)
+                out.token_logprobs.append(None if lp is None else lp.logprob)
+                out.top_logprobs.append(None if lp is None else self._top(token, lp))
+                out.text_offset.append(self.offset)
+                self.offset += len(token)
         for lp in lps:
             token = self.text(lp.token_id)
-            top = {self.text(t): v for t, v in lp.top}
-            top.setdefault(token, lp.logprob)
             out.tokens.append(token)
             out.token_logprobs.append(lp.logprob)
-            out.top_logprobs.append(top)
+            out.top_logprobs.append(self._top(token, lp))
             out.text_offset.append(self.offset)
             self.offset += len(token)
         return out
+
+    def _top(self, token: str, lp: TokenLogprob) -> dict[str, float]:
+        top = {self.text(t): v for t, v in lp.top}
+        top.setdefault(token, lp.logprob)
+        return top
+
+
+@dataclass
+class _Echo:
+    """A completion's echoed prompt: its text and token ids, and the engine's prompt logprobs
+    once they arrive (with `logprobs`)."""
+
+    text: str
+    ids: list[int]
+    logprobs: list[TokenLogprob | None] | None = None
+
+
+class _CompletionChoices:
+    """Builds a completion's choices, whole or as stream deltas: the echoed prompt and the prompt
+    logprobs go into each choice's first piece."""
+
+    def __init__(self, body: p.CompletionRequest, num_choices: int, token_text: _TokenText,
+                 echoes: list[_Echo] | None) -> None:
+        self.token_text = token_text
+        self.echoes = echoes
+        self.builders = None
+        if body.logprobs is not None:
+            self.builders = [_CompletionLogprobBuilder(token_text) for _ in range(num_choices)]
+        self.want_prompt_logprobs = body.prompt_logprobs is not None
+        self.started: set[int] = set()
+
+    def needs_first_piece(self, k: int) -> bool:
+        """Whether choice k still has its echo or prompt logprobs to send."""
+        return k not in self.started and (self.echoes is not None or self.want_prompt_logprobs)
+
+    def __call__(self, k: int, text: str, finish_reason: str | None, lps: list[TokenLogprob],
+                 prompt_lps: list[TokenLogprob | None] | None) -> p.CompletionChoice:
+        first = k not in self.started
+        self.started.add(k)
+        echo = self.echoes[k] if self.echoes is not None and first else None
+        if echo is not None:
+            echo.logprobs = prompt_lps
+            text = echo.text + text
+        return p.CompletionChoice(
+            index=k, text=text, finish_reason=finish_reason,
+            logprobs=self.builders[k](lps, echo) if self.builders else None,
+            prompt_logprobs=(_prompt_logprobs(self.token_text, prompt_lps)
+                             if first and self.want_prompt_logprobs else None))
+
+
+def _prompt_logprobs(text: _TokenText, lps: list[TokenLogprob | None] | None) -> p.PromptLogprobs | None:
+    """vLLM's prompt_logprobs: per prompt token None (the first) or {token id: logprob, rank,
+    decoded token}, holding the token itself and the top k."""
+    if lps is None:
+        return None
+    out: p.PromptLogprobs = []
+    for lp in lps:
+        if lp is None:
+            out.append(None)
+            continue
+        entry = {str(lp.token_id): p.PromptLogprob(logprob=lp.logprob, rank=lp.rank,
+                                                   decoded_token=text(lp.token_id))}
+        for rank, (t, v) in enumerate(lp.top, 1):
+            entry.setdefault(str(t), p.PromptLogprob(logprob=v, rank=rank, decoded_token=text(t)))
+        out.append(entry)
+    return out
 
 
 def _chat_logprobs(text: _TokenText, lps: list[TokenLogprob]) -> p.ChatLogprobs:
@@ -340,6 +423,10 @@ def create_app(
     metrics = ServerMetrics()
     drain = Drain(engine)
     tokenize_pool = ThreadPoolExecutor(_TOKENIZE_THREADS, thread_name_prefix="slserve-tokenize")
+    # Grammars compile on their own thread (xgrammar releases the GIL meanwhile): a spec that takes
+    # seconds (a regex like `.{1,30000}`) then delays only other structured requests' compiles,
+    # never the tokenizing of every request.
+    grammar_pool = ThreadPoolExecutor(1, thread_name_prefix="slserve-grammar")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -351,6 +438,7 @@ def create_app(
         finally:
             watch.cancel()
             tokenize_pool.shutdown(wait=False, cancel_futures=True)
+            grammar_pool.shutdown(wait=False, cancel_futures=True)
             await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
 
     async def _watch_startup() -> None:
@@ -399,6 +487,20 @@ def create_app(
 
     def vocab_size() -> int:
         return engine.engine.model_config.vocab_size
+
+    async def structured_outputs(body: p.CompletionRequest | p.ChatCompletionRequest
+                                 ) -> StructuredOutputsParams | None:
+        """The request's output constraint, compiled here (off the loop, into the engine's cache)
+        so that a spec that cannot compile is a 400 naming it before anything is queued."""
+        so, param = body.output_constraint()
+        if so is not None:
+            try:
+                # the first call also builds the compiler (seconds): off the loop as well
+                await asyncio.get_running_loop().run_in_executor(
+                    grammar_pool, lambda: engine.engine.grammars.compile(so))
+            except GrammarError as e:
+                raise APIError(400, f"{param}: {e}", param) from None
+        return so
 
     def check_model(model: str | None) -> None:
         """404 for a `model` that names neither the base model nor an adapter, for routes that do
@@ -459,39 +561,51 @@ def create_app(
         body.check()
         adapter = adapter_of(body.model)
         prompts = await off_loop(tokenize_all, body.prompts(), body.add_special_tokens)
+        structured = await structured_outputs(body)
         max_model_len = engine.engine.max_model_len
         rid = body.response_id("cmpl")
         items = []
         for i, ids in enumerate(prompts):
             max_tokens = body.max_tokens if body.max_tokens is not None else max(1, max_model_len - len(ids))
-            for j, params in enumerate(body.sampling_params(max_tokens, body.logprobs, vocab_size())):
+            choices = body.sampling_params(max_tokens, body.engine_logprobs, vocab_size(), structured)
+            for j, params in enumerate(choices):
                 items.append(GenerateItem(f"{rid}-{i}-{j}", ids, params, adapter))
             check_length(len(ids), max_tokens)
         model = body.model or base_name()
+        echoes = None
+        if body.echo:  # a text prompt as sent, token ids decoded
+            texts = await off_loop(lambda: [x if isinstance(x, str) else engine.engine.tokenizer.decode(x)
+                                            for x in body.prompts()])
+            echoes = [_Echo(texts[i], ids) for i, ids in enumerate(prompts)
+                      for _ in range(body.num_candidates)]
+        choices = _CompletionChoices(body, len(items), _TokenText(engine.engine.tokenizer), echoes)
         stream = await engine.submit(items)
         timers = [TokenTimer(metrics, t0) for _ in items]
-        token_text = _TokenText(engine.engine.tokenizer)
-        builders = None
-        if body.logprobs is not None:
-            builders = [_CompletionLogprobBuilder(token_text) for _ in items]
         if body.stream:
-            events = _completion_events(stream, rid, model, len(prompts), body, timers, builders)
+            events = _completion_events(stream, rid, model, len(prompts), body, timers, choices)
             return _SSEResponse(events, stream)
         return await _until_disconnect(
-            request, _completion_response(stream, rid, model, len(prompts), body, timers, builders)
+            request, _completion_response(stream, rid, model, len(prompts), body, timers, choices)
         )
 
     async def _completion_response(stream: RequestStream, rid: str, model: str, num_prompts: int,
                                    body: p.CompletionRequest, timers: list[TokenTimer],
-                                   builders: list[_CompletionLogprobBuilder] | None) -> p.CompletionResponse:
-        n = body.n
-        texts, lps, finals = await _collect(stream, timers)
-        choices = [
-            p.CompletionChoice(index=k, text="".join(texts[k]), finish_reason=finals[k].finish_reason,
-                               logprobs=builders[k](lps[k]) if builders else None)
-            for k in range(len(timers))
-        ]
-        prompt_tokens = sum(finals[i * n].num_prompt_tokens for i in range(num_prompts))
+                                   make_choice: _CompletionChoices) -> p.CompletionResponse:
+        per_prompt = body.num_candidates
+        texts, lps, prompt_lps, finals = await _collect(stream, timers)
+        order: list[int] = list(range(len(timers)))
+        if per_prompt > body.n:  # best_of: each prompt's n candidates of highest mean token logprob
+            def mean_logprob(k: int) -> float:
+                return sum(lp.logprob for lp in lps[k]) / max(1, len(lps[k]))
+
+            order = [k for i in range(num_prompts)
+                     for k in sorted(range(i * per_prompt, (i + 1) * per_prompt), key=mean_logprob,
+                                     reverse=True)[:body.n]]
+        choices = []
+        for index, k in enumerate(order):
+            choices.append(make_choice(k, "".join(texts[k]), finals[k].finish_reason, lps[k], prompt_lps[k]))
+            choices[-1].index = index
+        prompt_tokens = sum(finals[i * per_prompt].num_prompt_tokens for i in range(num_prompts))
         completion_tokens = sum(f.num_generated_tokens for f in finals)
         usage = p.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                             total_tokens=prompt_tokens + completion_tokens)
@@ -499,7 +613,7 @@ def create_app(
 
     async def _completion_events(stream: RequestStream, rid: str, model: str, num_prompts: int,
                                  body: p.CompletionRequest, timers: list[TokenTimer],
-                                 builders: list[_CompletionLogprobBuilder] | None) -> AsyncIterator[str]:
+                                 make_choice: _CompletionChoices) -> AsyncIterator[str]:
         created = p.now()
         usage = body.include_usage
         exclude = None if usage else {"usage"}
@@ -510,17 +624,16 @@ def create_app(
                     timers[k].tokens(len(out.new_token_ids))
                     if out.finished:
                         timers[k].finish()
-                        prompt_tokens[k // body.n] = out.num_prompt_tokens
+                        prompt_tokens[k // body.num_candidates] = out.num_prompt_tokens
                         completion_tokens += out.num_generated_tokens
                         if (err := _finish_error(out)) is not None:
                             yield _sse(json.dumps(error_body(err.status, err.message, code=err.code)))
                             continue
-                    if not (out.new_text or out.finished or (builders and out.new_logprobs)):
+                    if not (out.new_text or out.finished or (make_choice.builders and out.new_logprobs)
+                            or make_choice.needs_first_piece(k)):
                         continue
-                    choice = p.CompletionChoice(
-                        index=k, text=out.new_text, finish_reason=out.finish_reason,
-                        logprobs=builders[k](out.new_logprobs) if builders else None,
-                    )
+                    choice = make_choice(k, out.new_text, out.finish_reason, out.new_logprobs,
+                                         out.prompt_logprobs)
                     chunk = p.CompletionResponse(id=rid, created=created, model=model, choices=[choice])
                     yield _sse(chunk.model_dump_json(exclude=exclude))
             if usage:
@@ -552,7 +665,8 @@ def create_app(
                                f"the messages take {len(ids)}.", "messages")
             max_tokens = max_model_len - len(ids)
         rid = body.response_id("chatcmpl")
-        params = body.sampling_params(max_tokens, body.engine_logprobs, vocab_size())
+        structured = await structured_outputs(body)
+        params = body.sampling_params(max_tokens, body.engine_logprobs, vocab_size(), structured)
         items = [GenerateItem(f"{rid}-{j}", ids, sp, adapter) for j, sp in enumerate(params)]
         check_length(len(ids), max_tokens)
         model = body.model or base_name()
@@ -565,7 +679,7 @@ def create_app(
 
     async def _chat_response(stream: RequestStream, rid: str, model: str, timers: list[TokenTimer],
                              token_text: _TokenText | None) -> p.ChatCompletionResponse:
-        texts, lps, finals = await _collect(stream, timers)
+        texts, lps, prompt_lps, finals = await _collect(stream, timers)
         choices = [
             p.ChatChoice(index=k, message=p.ChatResponseMessage(content="".join(texts[k])),
                          finish_reason=finals[k].finish_reason,
@@ -576,7 +690,9 @@ def create_app(
         completion_tokens = sum(f.num_generated_tokens for f in finals)
         usage = p.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                             total_tokens=prompt_tokens + completion_tokens)
-        return p.ChatCompletionResponse(id=rid, model=model, choices=choices, usage=usage)
+        prompt_logprobs = _prompt_logprobs(token_text or _TokenText(engine.engine.tokenizer), prompt_lps[0])
+        return p.ChatCompletionResponse(id=rid, model=model, choices=choices, usage=usage,
+                                        prompt_logprobs=prompt_logprobs)
 
     async def _chat_events(stream: RequestStream, rid: str, model: str, body: p.ChatCompletionRequest,
                            timers: list[TokenTimer], token_text: _TokenText | None) -> AsyncIterator[str]:
