@@ -6,15 +6,18 @@
 Parses every adapter of the folder once, keeps them all, and reports the bytes held (the
 tensors' own sizes, and the process's resident memory growth measured from /proc) per adapter
 and adapters per GiB, for the float32 parse and for the host copy kept when serving in each
-dtype. Prints a table and writes JSON.
+dtype, each in a fresh process (so that freed memory from one does not hide the next one's
+growth). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -33,7 +36,13 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(dirs: list[Path], model, keep) -> dict:
+def measure(dirs: list[Path], serving: str | None) -> dict:
+    """Parse and keep every adapter: as parsed (serving None) or as the host tier keeps it."""
+    model = load_model_config(resolve_model(None))
+
+    def keep(adapter):
+        return adapter if serving is None else host_copy(adapter, DTYPES[serving])
+
     gc.collect()
     start, t0 = rss(), time.perf_counter()
     held = [keep(load_peft_adapter(d, model, 64, d.name)) for d in dirs]
@@ -54,11 +63,12 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="serving dtypes")
     ap.add_argument("--out", default="benchmarks/results/host_tier.json")
     a = ap.parse_args()
-    model = load_model_config(resolve_model(None))
     dirs = sorted(p for p in Path(a.adapter_dir).iterdir() if (p / "adapter_config.json").exists())[: a.limit]
-    rows = {"parsed float32": measure(dirs, model, lambda ad: ad)}
-    for name in a.dtypes:
-        rows[f"host copy, serving {name}"] = measure(dirs, model, lambda ad, d=DTYPES[name]: host_copy(ad, d))
+    rows = {}
+    for serving in (None, *a.dtypes):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+            label = "parsed float32" if serving is None else f"host copy, serving {serving}"
+            rows[label] = child.submit(measure, dirs, serving).result()
     print(f"{len(dirs)} adapters from {a.adapter_dir}")
     print(f"{'copy':<28} {'MB/adapter':>11} {'RSS MB/adapter':>15} {'adapters/GiB':>13} {'parse ms':>9}")
     for name, r in rows.items():
