@@ -93,7 +93,7 @@ def resident():
 
 def step_states(flat, segments):
     bounds = [(s0, s1) for s0, s1, _ in segments]
-    tables = [dev.layout.table() for _, _, dev in segments]
+    tables = [dev.layout.view() for _, _, dev in segments]
     states = {"torch": LoRABatch(bounds, tables, flat)}
     if lora_apply_op() is not None:
         states["cpp"] = LoRABatch(bounds, tables, flat, lora_apply_op())

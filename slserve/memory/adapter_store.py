@@ -31,6 +31,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
+from slserve.adapters.dora import BaseWeights
 from slserve.adapters.peft_format import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -98,11 +99,14 @@ class _DiskEntry:
 class AdapterStore:
     """Disk tier plus host LRU tier. Thread-safe: the engine thread and a prefetch thread share it."""
 
-    def __init__(self, root: Path, model: ModelConfig, max_rank: int, host_cache_bytes: int) -> None:
+    def __init__(self, root: Path, model: ModelConfig, max_rank: int, host_cache_bytes: int,
+                 base: BaseWeights | None = None) -> None:
+        """base: the base model's weights, which DoRA adapters need (without, they are refused)."""
         if host_cache_bytes <= 0:
             raise ValueError("host_cache_bytes must be positive")
         self.root = Path(root)
         self.model = model
+        self.base = base
         self.max_rank = max_rank
         self.host_capacity_bytes = host_cache_bytes
         # _lock guards every in-memory field and is never held across disk I/O or parsing.
@@ -268,7 +272,7 @@ class AdapterStore:
             with self._lock:
                 version = self._entry(name).version
             try:
-                adapter = load_peft_adapter(self.root / name, self.model, self.max_rank, name)
+                adapter = load_peft_adapter(self.root / name, self.model, self.max_rank, name, self.base)
             except AdapterError:
                 # A replace or remove moves the directory away for a moment: wait for that write
                 # to finish and read again if the adapter changed; otherwise the error is its own.
@@ -333,7 +337,7 @@ class AdapterStore:
     ) -> AdapterInfo:
         """Store an uploaded adapter. Nothing becomes visible unless it validates completely."""
         validate_name(name)
-        adapter = parse_peft_adapter(config_bytes, weights_bytes, self.model, self.max_rank, name)
+        adapter = parse_peft_adapter(config_bytes, weights_bytes, self.model, self.max_rank, name, self.base)
         final = self.root / name
         with self._write_lock:
             with self._lock:
