@@ -1,10 +1,11 @@
 """Kinds applied per token: nested ranks of LoRA (`name:rK`), DoRA and IA3 output scales.
 
-Every adapter is made with the real peft library on the embedded model (float32, nonzero trained
-parameters); greedy tokens are compared with transformers + peft serving the same adapter (for a
-nested rank: peft serving a copy of the adapter truncated to rank K), alone and in one mixed batch
-with plain LoRA and base requests, on the torch path and on the Triton path (under
-TRITON_INTERPRET on machines without a GPU).
+Every adapter is made with the real peft library on a small random Llama (float32, nonzero
+trained parameters, magnitudes and IA3 vectors scattered around their initial values); greedy
+tokens are compared with transformers + peft serving the same adapter (for a nested rank: peft
+serving a copy of the adapter truncated to rank K), alone and in one mixed batch with plain LoRA
+and base requests, on the torch path, on the Triton path (under TRITON_INTERPRET on machines
+without a GPU) and at TP=2.
 """
 
 from __future__ import annotations
@@ -17,35 +18,21 @@ import torch
 from peft import IA3Config, LoraConfig
 from safetensors.torch import load_file, save_file
 
+from peft.tuners.tuners_utils import BaseTunerLayer
+
 from slserve import LLM, SamplingParams
+from slserve.adapters.dora import BaseWeights
+from slserve.adapters.peft_format import AdapterError, parse_peft_adapter
 from slserve.engine import RequestError
-from slserve.model.loader import resolve_model
+from slserve.model.loader import load_model_config
 from tests.peft_util import make_peft_kind_adapter, peft_generate
+from tests.tiny_llama import write_tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 MAX_TOKENS = 8
-PROMPTS = ["The quick brown fox", "def fibonacci(n):", "My favourite recipe for bread starts with"]
-LAYERS = [0, 7, 14, 21, 28]
+PROMPTS = ["The quick brown fox", "My favourite recipe for bread starts with"]
 NESTED = 4  # the lower rank asked of the rank-16 adapter
-
-ADAPTERS = {
-    "lora16": (
-        lambda: LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, layers_to_transform=LAYERS,
-                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]),
-        {"lora_A": 0.1, "lora_B": 0.08},
-    ),
-    "dora": (
-        lambda: LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, use_dora=True, layers_to_transform=LAYERS,
-                           target_modules=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]),
-        {"lora_A": 0.1, "lora_B": 0.05},
-    ),
-    "ia3": (
-        lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
-        {},
-    ),
-}
-
 
 def randomize_vectors(model) -> None:
     """Magnitudes and IA3 vectors scattered around their initial values (1 and |W|), so that a
@@ -69,76 +56,94 @@ def truncated_copy(src: Path, dst: Path, rank: int) -> Path:
     return dst
 
 
-@pytest.fixture(scope="module")
-def made(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(resolve_model(None)), dtype=torch.float32).eval()
-    src = tmp_path_factory.mktemp("runtime-kinds")
-    paths = {
-        name: make_peft_kind_adapter(base, src / name, config(), seed=20 + i, std=std, edit=randomize_vectors)
-        for i, (name, (config, std)) in enumerate(ADAPTERS.items())
-    }
-    paths[f"lora16:r{NESTED}"] = truncated_copy(paths["lora16"], src / "lora16-truncated", NESTED)
-    return base, paths
-
-
-@pytest.fixture(scope="module")
-def refs(made):
-    base, paths = made
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(resolve_model(None)))
-    work = [(p, a) for p in PROMPTS for a in (*paths, None)]
-    return {(p, a): peft_generate(base, paths[a] if a else None, tok.encode(p), MAX_TOKENS) for p, a in work}
-
-
-def serve(made, tmp_path_factory, backend: str) -> LLM:
-    _, paths = made
-    llm = LLM(dtype="float32", pool_bytes=128 << 20, kernel_backend=backend,
-              adapter_dir=str(tmp_path_factory.mktemp(f"runtime-store-{backend}")))
-    for name in ADAPTERS:
-        llm.add_adapter(name, paths[name])
-    return llm
-
-
-@pytest.fixture(scope="module")
-def llm(made, tmp_path_factory):
-    llm = serve(made, tmp_path_factory, "torch")
-    yield llm
-    llm.engine.close()
-
-
-def generate(llm: LLM, work: list[tuple[str, str | None]]):
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+def generate(llm: LLM, work: list[tuple[str, str | None]], max_tokens: int = MAX_TOKENS):
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
     outs = llm.generate([p for p, _ in work], params, adapters=[a for _, a in work])
     assert llm.engine.stats()["failed_steps"] == 0
     return [o.token_ids for o in outs]
 
 
-def test_references_differ(refs) -> None:
-    """Each adapter (and the nested rank) changes the reference tokens: the comparisons can fail."""
-    for name in (*ADAPTERS, f"lora16:r{NESTED}"):
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTERS = {
+    "lora16": (lambda: LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS),
+               {"lora_A": 0.1, "lora_B": 0.1}),
+    "dora": (lambda: LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, use_dora=True, target_modules=TARGETS),
+             {"lora_A": 0.1, "lora_B": 0.1}),
+    "ia3": (lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+            {}),
+}
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """(model dir, adapter paths, greedy references) on a 2-layer random Llama."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("runtime-tiny")
+    model_dir = write_tiny_llama(root, layers=2)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    paths = {name: make_peft_kind_adapter(base, root / name, config(), seed=30 + i, std=std, edit=randomize_vectors)
+             for i, (name, (config, std)) in enumerate(ADAPTERS.items())}
+    paths[f"lora16:r{NESTED}"] = truncated_copy(paths["lora16"], root / "lora16-truncated", NESTED)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    work = [(p, a) for p in PROMPTS for a in [*paths, None]]
+    refs = {(p, a): peft_generate(base, paths[a] if a else None, tok.encode(p), MAX_TOKENS) for p, a in work}
+    for name in paths:  # each adapter changes the tokens: the comparison can fail
         assert any(refs[(p, name)] != refs[(p, None)] for p in PROMPTS), name
+    return model_dir, paths, work, refs
+
+
+@pytest.mark.parametrize(("backend", "tp"), [("triton", 1), ("torch", 2)])
+def test_other_paths_match_peft(made, tmp_path, backend: str, tp: int) -> None:
+    """Nested rank, DoRA, IA3, LoRA and base requests in one batch on the Triton kernels (under
+    TRITON_INTERPRET without a GPU: one prompt each and fewer tokens, the interpreter is slow)
+    and at TP=2, where each rank scales its own output columns (all hidden columns of its partial
+    sums for o and down)."""
+    model_dir, paths, work, refs = made
+    n = MAX_TOKENS
+    if backend == "triton":
+        work, n = [(p, a) for p, a in work if p == PROMPTS[0]], 4
+    llm = LLM(model=str(model_dir), dtype="float32", tp=tp, kernel_backend=backend, pool_bytes=32 << 20,
+              threads=1, adapter_dir=str(tmp_path / "store"))
+    try:
+        for name in ADAPTERS:
+            llm.add_adapter(name, paths[name])
+        for (prompt, adapter), got in zip(work, generate(llm, work, n), strict=True):
+            assert got == refs[(prompt, adapter)][:n], f"{adapter} on {prompt!r}"
+    finally:
+        llm.engine.close()
+
+
+@pytest.fixture(scope="module")
+def llm(made, tmp_path_factory):
+    model_dir, paths, _, _ = made
+    llm = LLM(model=str(model_dir), dtype="float32", pool_bytes=32 << 20, threads=1,
+              adapter_dir=str(tmp_path_factory.mktemp("runtime-store")))
+    for name in ADAPTERS:
+        llm.add_adapter(name, paths[name])
+    yield llm
+    llm.engine.close()
+
+
+def test_nested_rank_differs_from_full_rank(made) -> None:
+    refs = made[3]
     assert any(refs[(p, f"lora16:r{NESTED}")] != refs[(p, "lora16")] for p in PROMPTS)
 
 
 @pytest.mark.parametrize("adapter", [f"lora16:r{NESTED}", "dora", "ia3"])
-def test_alone_matches_peft(llm, refs, adapter: str) -> None:
-    for prompt in PROMPTS[:2]:
+def test_alone_matches_peft(llm, made, adapter: str) -> None:
+    refs = made[3]
+    for prompt in PROMPTS:
         assert generate(llm, [(prompt, adapter)])[0] == refs[(prompt, adapter)], prompt
 
 
-def mixed_work(refs) -> list[tuple[str, str | None]]:
-    names = sorted({a for _, a in refs}, key=str)
-    return [(p, a) for i, p in enumerate(PROMPTS) for a in names[i % 2 :] + names[: i % 2]]
-
-
-def test_mixed_batch_matches_peft(llm, refs) -> None:
-    """Nested rank, full rank, DoRA, IA3 and base requests in one batch, each equal to peft alone."""
-    work = mixed_work(refs)
-    for (prompt, adapter), got in zip(work, generate(llm, work), strict=True):
-        assert got == refs[(prompt, adapter)], f"{adapter} on {prompt!r}"
+def test_mixed_batch_matches_peft(llm, made) -> None:
+    """Nested rank, full rank, DoRA, IA3 and base requests in one batch, each equal to peft alone,
+    in two orders (segments of one adapter at both ranks next to each other, and apart)."""
+    work = made[2]
+    for order in (work, work[::-1]):
+        for (prompt, adapter), got in zip(order, generate(llm, order), strict=True):
+            assert got == made[3][(prompt, adapter)], f"{adapter} on {prompt!r}"
 
 
 @pytest.mark.parametrize(("model", "words"), [
@@ -156,3 +161,45 @@ def test_bad_nested_ranks_are_refused(llm, model: str, words: str) -> None:
         with pytest.raises(RequestError, match="does not exist") as info:
             llm.engine.add_request(PROMPTS[0], SamplingParams(max_tokens=1), adapter=missing)
         assert info.value.status == 404
+
+
+
+
+# -- DoRA's norm at load -------------------------------------------------------------------------------
+
+
+def test_dora_scale_and_shift_reproduce_peft_with_bias(tmp_path) -> None:
+    """On a model with attention biases: vector * (x W^T + b + lora(x)) + shift is peft's DoRA layer,
+    whose bias is not scaled, for every module, with the norms taken from the checkpoint."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir = write_tiny_llama(tmp_path, layers=1, attention_bias=True)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    path = make_peft_kind_adapter(base, tmp_path / "dora", ADAPTERS["dora"][0](), seed=3,
+                                  std=ADAPTERS["dora"][1], edit=randomize_vectors)
+    cfg = load_model_config(model_dir)
+    files = [(path / n).read_bytes() for n in ("adapter_config.json", "adapter_model.safetensors")]
+    adapter = parse_peft_adapter(*files, cfg, 64, "dora", BaseWeights(model_dir, cfg))
+    peft_model = PeftModel.from_pretrained(base, str(path)).eval()
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(4))
+    shifted = 0
+    with torch.no_grad():
+        for key, module in peft_model.named_modules():
+            if not isinstance(module, BaseTunerLayer) or "layers.0" not in key:
+                continue
+            name = key.rsplit(".", 1)[1]
+            w, s = adapter.modules[(0, name)], adapter.output_scales[(0, name)]
+            xi = x[:, : module.base_layer.in_features]
+            y = module.base_layer(xi) + w.scale * (xi @ w.a.T) @ w.b.T
+            got = s.vector * y + (s.shift if s.shift is not None else 0)
+            torch.testing.assert_close(got, module(xi), rtol=1e-5, atol=1e-5)
+            shifted += s.shift is not None
+    assert shifted == 4  # q, k, v and o have biases (attention_bias)
+
+
+def test_dora_without_base_weights_is_refused(made) -> None:
+    path = made[1]["dora"]
+    files = [(path / n).read_bytes() for n in ("adapter_config.json", "adapter_model.safetensors")]
+    with pytest.raises(AdapterError, match="'dora': DoRA adapters need the base model's weights"):
+        parse_peft_adapter(*files, load_model_config(made[0]), 64, "dora")
