@@ -47,7 +47,8 @@ class Backend:
         self.comm = comm
         self.hidden_columns = shard.hidden_columns(cfg)
 
-    def prepare(self, plan: StepPlan, kv: KVCache, views: list[SlotView], flat: torch.Tensor) -> ForwardContext:
+    def prepare(self, plan: StepPlan, kv: KVCache, views: list[SlotView],
+                flat: torch.Tensor) -> ForwardContext:
         """views: the SlotView of each of the plan's segments."""
         def tensor(values):
             return torch.tensor(values, dtype=torch.long, device=self.device)

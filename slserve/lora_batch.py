@@ -26,17 +26,19 @@ def stacked_slots(tables: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(tables).permute(1, 2, 0, 3).contiguous()
 
 
+def per_layer_group(tables: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+    """[layer][group] -> the segments' rows [segments, fields], sliced once per step."""
+    return [layer.unbind(0) for layer in stacked_slots(tables).unbind(0)]
+
+
 class OutputScales:
-    """The output-scale rows of the step's segments that have them, as lists: [layer][group] ->
-    (bounds, rows) over those segments; empty when no segment has one."""
+    """The scale-table rows of the step's segments that have them, as lists: [layer][group] ->
+    one row per such segment; false when no segment has one."""
 
     def __init__(self, bounds: list[tuple[int, int]], views: list[SlotView]):
-        scaled = [(b, v.scales) for b, v in zip(bounds, views, strict=True) if v.scales is not None]
-        self.rows = []
-        if scaled:
-            table = stacked_slots([t for _, t in scaled]).tolist()  # [layers][groups][segments]
-            self.bounds = [b for b, _ in scaled]
-            self.rows = table
+        scaled = [i for i, v in enumerate(views) if v.scales is not None]
+        self.bounds = [bounds[i] for i in scaled]
+        self.rows = stacked_slots([views[i].scales for i in scaled]).tolist() if scaled else []
 
     def __bool__(self) -> bool:
         return bool(self.rows)
@@ -49,6 +51,7 @@ class LoRABatch:
     """Torch path. `op` is the C++ loop (kernels/cpu_ext.py) when it could be built, else the
     same loop runs in Python (kernels/lora.py:apply_lora). Each call hands the op the segments'
     slot-table rows for one (layer, group): views sliced here once per step, not per call.
+    Segments of a nested rank run in the torch loop with their factors (the op has none).
     `comm`/`hidden_columns`: under TP, the collectives and this rank's columns of a row-parallel
     output."""
 
@@ -58,26 +61,19 @@ class LoRABatch:
         self.pool = pool_flat
         self.comm = comm if comm is not None and comm.shard.parallel else None
         self.hidden_columns = hidden_columns
-        # The op takes the segments of full-rank views; nested ones run in torch with their factors.
         plain = [i for i, v in enumerate(views) if v.factors is None]
         nested = [i for i, v in enumerate(views) if v.factors is not None]
-        self.bounds, self.slots = self._split(bounds, [views[i].table for i in plain], plain)
+        self.bounds = torch.tensor([bounds[i] for i in plain], dtype=torch.int64)
+        self.slots = per_layer_group([views[i].table for i in plain]) if plain else None
         self.nested = None
         if nested:
-            n_bounds, n_slots = self._split(bounds, [views[i].table for i in nested], nested)
-            n_factors = [layer.unbind(0) for layer in stacked_slots([views[i].factors for i in nested]).unbind(0)]
-            self.nested = (n_bounds, n_slots, n_factors)
+            self.nested = (torch.tensor([bounds[i] for i in nested], dtype=torch.int64),
+                           per_layer_group([views[i].table for i in nested]),
+                           per_layer_group([views[i].factors for i in nested]))
         self.scales = OutputScales(bounds, views)
         if self.comm is not None:  # the row-parallel path walks every segment itself
-            self._all = list(zip(bounds, [v.table.tolist() for v in views],
-                                 [None if v.factors is None else v.factors.tolist() for v in views], strict=True))
-
-    @staticmethod
-    def _split(bounds, tables, which) -> tuple[torch.Tensor, list]:
-        if not which:
-            return torch.zeros(0, 2, dtype=torch.int64), None
-        stacked = stacked_slots(tables)
-        return torch.tensor([bounds[i] for i in which], dtype=torch.int64), [l.unbind(0) for l in stacked.unbind(0)]
+            self._rows = [(b, v.table.tolist(), None if v.factors is None else v.factors.tolist())
+                          for b, v in zip(bounds, views, strict=True)]
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, group: str) -> None:
         g = GROUP_INDEX[group]
@@ -87,13 +83,13 @@ class LoRABatch:
             if self.slots is not None:
                 self.op(y, x, self.pool, self.bounds, self.slots[layer][g])
             if self.nested is not None:
-                n_bounds, n_slots, n_factors = self.nested
-                apply_lora(y, x, self.pool, n_bounds, n_slots[layer][g], n_factors[layer][g])
+                bounds, slots, factors = self.nested
+                apply_lora(y, x, self.pool, bounds, slots[layer][g], factors[layer][g])
         if self.scales:
             self.scales.apply(y, self.pool, layer, group)
 
     def _row_parallel(self, y: torch.Tensor, x: torch.Tensor, layer: int, g: int) -> None:
-        segs = [((s0, s1), table[layer][g], None if f is None else f[layer][g]) for (s0, s1), table, f in self._all]
+        segs = [(b, rows[layer][g], 1 if f is None else f[layer][g][0]) for b, rows, f in self._rows]
         max_rank = max(row[1] for _, row, _ in segs)
         if max_rank == 0:
             return
@@ -106,11 +102,11 @@ class LoRABatch:
                 torch.mm(x[s0:s1], a.t(), out=h[s0:s1, :rank])
         self.comm.all_reduce(h)
         out = y[:, self.hidden_columns.start : self.hidden_columns.stop]
-        for (s0, s1), row, factors in segs:
+        for (s0, s1), row, factor in segs:  # a row-parallel group has one module: one expand
             if row[1]:
                 b_off, r, out_f, h0, y0 = row[4:9]
                 bt = pool[b_off : b_off + r * out_f].view(r, out_f)
-                out[s0:s1, y0 : y0 + out_f].addmm_(h[s0:s1, h0 : h0 + r], bt, alpha=factors[0] if factors else 1)
+                out[s0:s1, y0 : y0 + out_f].addmm_(h[s0:s1, h0 : h0 + r], bt, alpha=factor)
 
 
 class TritonLoRABatch:
@@ -133,7 +129,7 @@ class TritonLoRABatch:
         device = pool_flat.device
         self.seg_start = torch.tensor([s0 for s0, _ in bounds], dtype=torch.int32, device=device)
         self.seg_len = torch.tensor([s1 - s0 for s0, s1 in bounds], dtype=torch.int32, device=device)
-        table = stacked_slots([v.table for v in views])  # [layers, groups, segments, fields], on the host
+        table = stacked_slots([v.table for v in views])  # [layers, groups, segments, fields], host
         factors = None
         if any(v.factors is not None for v in views):
             ones = torch.ones_like(views[0].table[..., :MAX_EXPANDS], dtype=torch.float32)

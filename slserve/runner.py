@@ -30,7 +30,8 @@ from slserve.plan import AdapterCommand, AdapterFree, AdapterLoad, StepPlan
 
 logger = logging.getLogger(__name__)
 
-def rank_weights(adapter: LoRAAdapter, ranges: dict[str, tuple[range, range]], copy: bool = False) -> RankWeights:
+def rank_weights(adapter: LoRAAdapter, ranges: dict[str, tuple[range, range]],
+                 copy: bool = False) -> RankWeights:
     """A rank's slices of every LoRA pair and output scale: views, or contiguous copies to send to
     another process."""
     def own(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -42,8 +43,8 @@ def rank_weights(adapter: LoRAAdapter, ranges: dict[str, tuple[range, range]], c
         pairs[(layer, module)] = (own(a), own(b), w.scale)
     scales = {}
     for (layer, module), s in adapter.output_scales.items():
-        vector, shift = (None if t is None else output_scale_slice(module, t, ranges) for t in (s.vector, s.shift))
-        scales[(layer, module)] = (own(vector), own(shift))
+        shift = None if s.shift is None else own(output_scale_slice(module, s.shift, ranges))
+        scales[(layer, module)] = (own(output_scale_slice(module, s.vector, ranges)), shift)
     return RankWeights(pairs, scales)
 
 

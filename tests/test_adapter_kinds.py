@@ -656,3 +656,29 @@ def test_bad_uploads_are_400_and_change_nothing(server, e2e, tmp_path: Path) -> 
     assert (httpx.get(f"{url}/v1/adapters").json(), _tree(server.adapter_dir)) == before
     r = openai_client(url).completions.create(model="ada", prompt=PROMPTS[0], max_tokens=2, temperature=0)
     assert r.usage.completion_tokens == 2
+
+
+@pytest.mark.slow
+def test_nested_ranks_over_http(server, e2e) -> None:
+    """`name:rK` through the OpenAI client: served as the engine serves it offline; a rank too
+    large, below 1, or of a kind that does not nest is 400 naming the problem; disturbs nothing."""
+    llm, paths = e2e[0], e2e[1]
+    url = server.url
+    assert upload(url, "lora", paths["lora"]).status_code == 201
+    client = openai_client(url)
+    text = client.completions.create(model="lora:r4", prompt=PROMPTS[0], max_tokens=MAX_TOKENS,
+                                     temperature=0).choices[0].text
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    assert text == llm.generate(PROMPTS[0], params, adapters=["lora:r4"])[0].text
+    assert text != llm.generate(PROMPTS[0], params, adapters=["lora"])[0].text
+    bad = {
+        "lora:r9": "`lora:r9`: rank 9 is larger than the adapter's rank 8",
+        "lora:r0": "`lora:r0`: a nested rank must be at least 1",
+        "ada:r2": "`ada:r2`: nested ranks apply to LoRA adapters only; 'ada' is of kind ADALORA",
+    }
+    for model, words in bad.items():
+        r = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 1})
+        assert assert_error(r, 400, param="model")["message"] == words
+    r = httpx.post(f"{url}/v1/completions", json={"model": "nothing:r2", "prompt": "x", "max_tokens": 1})
+    assert_error(r, 404)
+    assert client.completions.create(model="lora", prompt="x", max_tokens=2).usage.completion_tokens == 2

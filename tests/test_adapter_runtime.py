@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from peft import IA3Config, LoraConfig
-from safetensors.torch import load_file, save_file
-
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
 
 from slserve import LLM, SamplingParams
 from slserve.adapters.dora import BaseWeights
@@ -69,8 +68,8 @@ ADAPTERS = {
                {"lora_A": 0.1, "lora_B": 0.1}),
     "dora": (lambda: LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, use_dora=True, target_modules=TARGETS),
              {"lora_A": 0.1, "lora_B": 0.1}),
-    "ia3": (lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
-            {}),
+    "ia3": (lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                              feedforward_modules=["down_proj"]), {}),
 }
 
 
@@ -82,7 +81,7 @@ def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("runtime-tiny")
     model_dir = write_tiny_llama(root, layers=2)
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    paths = {name: make_peft_kind_adapter(base, root / name, config(), seed=30 + i, std=std, edit=randomize_vectors)
+    paths = {name: make_peft_kind_adapter(base, root / name, config(), 30 + i, std, randomize_vectors)
              for i, (name, (config, std)) in enumerate(ADAPTERS.items())}
     paths[f"lora16:r{NESTED}"] = truncated_copy(paths["lora16"], root / "lora16-truncated", NESTED)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -150,8 +149,8 @@ def test_mixed_batch_matches_peft(llm, made) -> None:
     ("lora16:r17", "`lora16:r17`: rank 17 is larger than the adapter's rank 16"),
     ("lora16:r0", "`lora16:r0`: a nested rank must be at least 1"),
     ("lora16:r-2", "a nested rank must be at least 1"),
-    ("dora:r4", "nested ranks apply to LoRA adapters only; 'dora' is a DORA adapter"),
-    ("ia3:r1", "'ia3' is a IA3 adapter"),
+    ("dora:r4", "nested ranks apply to LoRA adapters only; 'dora' is of kind DORA"),
+    ("ia3:r1", "'ia3' is of kind IA3"),
 ])
 def test_bad_nested_ranks_are_refused(llm, model: str, words: str) -> None:
     with pytest.raises(RequestError, match=words) as info:

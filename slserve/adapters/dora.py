@@ -64,9 +64,11 @@ def resolve_weight_norms(adapter: LoRAAdapter, base: BaseWeights | None) -> LoRA
         norm = (weight + w.scale * (w.b @ w.a)).norm(dim=1)  # peft DoraLinearLayer.get_weight_norm
         vector = s.vector / norm
         if not bool(torch.isfinite(vector).all()):
-            raise adapter_error(adapter.name, f"{at}: a row of W + scale * B @ A has norm 0; its scale is undefined")
+            raise adapter_error(adapter.name,
+                                f"{at}: a row of W + scale * B @ A has norm 0; its scale is undefined")
         check_scale_bound(vector, bound, at, adapter.name)
         shift = None if bias is None else (1 - vector) * bias
-        scales[(layer, module)] = OutputScale(vector=vector, scales_bias=False, weight_norm=False, shift=shift)
+        scales[(layer, module)] = OutputScale(vector=vector, scales_bias=False, weight_norm=False,
+                                              shift=shift)
     extra = tensor_bytes(*(scales[k].shift for k in pending))
     return dataclasses.replace(adapter, output_scales=scales, nbytes=adapter.nbytes + extra)

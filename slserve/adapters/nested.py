@@ -27,8 +27,7 @@ def split_nested(model: str) -> tuple[str, int | None]:
 def nested_rank_problem(name: str, kind: str | None, max_rank: int, rank: int) -> str | None:
     """Why `name:r<rank>` cannot be served (None when it can)."""
     if kind not in NESTED_KINDS:
-        return (f"`{name}:r{rank}`: nested ranks apply to LoRA adapters only; {name!r} is a {kind} "
-                "adapter")
+        return f"`{name}:r{rank}`: nested ranks apply to LoRA adapters only; {name!r} is of kind {kind}"
     if rank < 1:
         return f"`{name}:r{rank}`: a nested rank must be at least 1"
     if rank > max_rank:

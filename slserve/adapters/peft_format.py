@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from slserve.adapters import kinds
-from slserve.adapters.dora import BaseWeights, resolve_weight_norms
 from slserve.adapters.checks import max_gain
+from slserve.adapters.dora import BaseWeights, resolve_weight_norms
 from slserve.adapters.weights import (
     CONFIG_FILE,
     WEIGHTS_FILE,

@@ -208,7 +208,8 @@ def lay_out(layer_ranks: list[dict[str, int]], shapes: Mapping[str, tuple[int, i
 class RankWeights(NamedTuple):
     """One rank's slices of an adapter (parallel.py: lora_slice, output_scale_slice)."""
 
-    pairs: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]  # -> (A [r, in], B [out, r], scale)
+    # (layer, module) -> (A [r, in], B [out, r], scale)
+    pairs: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]
     scales: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor | None]]  # -> (s [width], shift | None)
 
 

@@ -91,7 +91,8 @@ class DeviceAdapterCache:
         self._columns = group_columns(model)
         # An output scale covers the module's columns of the rank's output: all hidden columns
         # of a row-parallel module (parallel.py: output_scale_slice).
-        self._widths = {m: model.hidden_size if m in ROW_PARALLEL else out for m, (_, out) in self.shapes.items()}
+        self._widths = {m: model.hidden_size if m in ROW_PARALLEL else out
+                        for m, (_, out) in self.shapes.items()}
         self._loader = executor or ThreadPoolExecutor(max_workers=1,
                                                       thread_name_prefix="slserve-adapter-load")
         self._host_loading: dict[str, tuple[Future, int]] = {}  # name -> (host load, generation)
@@ -262,8 +263,9 @@ class DeviceAdapterCache:
         if runs is None:
             return None
         layer_offsets, runs = runs
+        rslora = bool(adapter.config.get("use_rslora"))
         layout = lay_out(self._layer_ranks(adapter), self.shapes, self._columns, layer_offsets,
-                         self._layer_scales(adapter), self._widths, rslora=bool(adapter.config.get("use_rslora")))
+                         self._layer_scales(adapter), self._widths, rslora)
         dev = DeviceAdapter(name=adapter.name, adapter=adapter, slot=next(self._slots), runs=runs,
                             layout=layout, num_pages=sum(n for _, n in runs),
                             generation=self.generation(adapter.name))
