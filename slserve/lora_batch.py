@@ -70,7 +70,7 @@ class LoRABatch:
             self.nested = (torch.tensor([bounds[i] for i in nested], dtype=torch.int64),
                            per_layer_group([views[i].table for i in nested]),
                            per_layer_group([views[i].factors for i in nested]))
-        self.scales = OutputScales(bounds, views)
+        self.scales = OutputScales(bounds, views) or None  # None: no segment has output scales
         if self.comm is not None:  # the row-parallel path walks every segment itself
             self._rows = [(b, v.table.tolist(), None if v.factors is None else v.factors.tolist())
                           for b, v in zip(bounds, views, strict=True)]
@@ -85,7 +85,7 @@ class LoRABatch:
             if self.nested is not None:
                 bounds, slots, factors = self.nested
                 apply_lora(y, x, self.pool, bounds, slots[layer][g], factors[layer][g])
-        if self.scales:
+        if self.scales is not None:
             self.scales.apply(y, self.pool, layer, group)
 
     def _row_parallel(self, y: torch.Tensor, x: torch.Tensor, layer: int, g: int) -> None:
@@ -153,7 +153,7 @@ class TritonLoRABatch:
                                 None if factor is None else factor.to(device))
             rank = rows[..., 1]
             self.tables[group] = (rows[..., 0].to(device), rank.to(device), int(rank.max()), expands)
-        self.scales = OutputScales(bounds, views)
+        self.scales = OutputScales(bounds, views) or None  # None: no segment has output scales
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, group: str) -> None:
         a_off, rank, max_rank, expands = self.tables[group]
@@ -167,5 +167,5 @@ class TritonLoRABatch:
                 self._expand(out, h, self.pool, self.seg_start, self.seg_len, b_off[layer], h_off[layer],
                              r[layer], self.columns[mod], self.out_features[mod],
                              factor=None if factor is None else factor[layer])
-        if self.scales:
+        if self.scales is not None:
             self.scales.apply(y, self.pool, layer, group)
