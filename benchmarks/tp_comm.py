@@ -79,7 +79,8 @@ class Counter:
                     self.formula["gather"] += n * R * -(-cfg.vocab_size // n) * 4
             logits = execute(plan)  # applies the plan's loads first: every slot's table is known after
             if plan.segments:
-                tables = torch.stack([runner.tables[s] for _, _, s in plan.segments])  # [S, L, G, F]
+                views = [runner.view(s.slot, s.rank) for s in plan.segments]
+                tables = torch.stack([v.table for v in views])  # [S, L, G, F]
                 ranks = tables[:, :, [1, 3], 1].amax(dim=0)  # [L, (o, down)]: max rank present
                 self.formula["lora"] += int(ranks.sum()) * T * item
             return logits

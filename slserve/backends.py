@@ -16,7 +16,7 @@ import torch
 
 from slserve.config import ModelConfig
 from slserve.kernels.attention import build_attention_groups, paged_attention
-from slserve.memory.adapter_layout import group_columns
+from slserve.memory.adapter_layout import SlotView, group_columns
 from slserve.memory.kv_cache import KVCache
 from slserve.model.layers import LoRAHook
 from slserve.parallel import Collectives, Shard
@@ -47,15 +47,15 @@ class Backend:
         self.comm = comm
         self.hidden_columns = shard.hidden_columns(cfg)
 
-    def prepare(self, plan: StepPlan, kv: KVCache, tables: dict[int, torch.Tensor],
+    def prepare(self, plan: StepPlan, kv: KVCache, views: list[SlotView],
                 flat: torch.Tensor) -> ForwardContext:
+        """views: the SlotView of each of the plan's segments."""
         def tensor(values):
             return torch.tensor(values, dtype=torch.long, device=self.device)
 
         lora = None
         if plan.segments:
-            bounds = [(s0, s1) for s0, s1, _ in plan.segments]
-            lora = self.lora(bounds, [tables[slot] for _, _, slot in plan.segments], flat)
+            lora = self.lora([(s.start, s.end) for s in plan.segments], views, flat)
         return ForwardContext(
             input_ids=tensor(plan.input_ids),
             positions=tensor(plan.positions),
@@ -72,7 +72,7 @@ class Backend:
                   ctx: ForwardContext, scale: float) -> torch.Tensor:
         raise NotImplementedError
 
-    def lora(self, bounds: list[tuple[int, int]], tables: list[torch.Tensor], flat: torch.Tensor) -> LoRAHook:
+    def lora(self, bounds: list[tuple[int, int]], views: list[SlotView], flat: torch.Tensor) -> LoRAHook:
         raise NotImplementedError
 
 
@@ -93,10 +93,10 @@ class TorchBackend(Backend):
     def attention(self, q, k_cache, v_cache, ctx, scale):
         return paged_attention(q, k_cache, v_cache, ctx.attn, scale, self.decode_op)
 
-    def lora(self, bounds, tables, flat):
+    def lora(self, bounds, views, flat):
         from slserve.lora_batch import LoRABatch
 
-        return LoRABatch(bounds, tables, flat, self.lora_op, self.comm, self.hidden_columns)
+        return LoRABatch(bounds, views, flat, self.lora_op, self.comm, self.hidden_columns)
 
 
 @dataclass
@@ -135,10 +135,10 @@ class TritonBackend(Backend):
         a = ctx.attn
         return paged_attention_triton(q, k_cache, v_cache, a.block_tables, a.seq_lens, a.query_start, scale)
 
-    def lora(self, bounds, tables, flat):
+    def lora(self, bounds, views, flat):
         from slserve.lora_batch import TritonLoRABatch
 
-        return TritonLoRABatch(bounds, tables, flat, self.columns, self.out_features, self.comm,
+        return TritonLoRABatch(bounds, views, flat, self.columns, self.out_features, self.comm,
                                self.hidden_columns)
 
 

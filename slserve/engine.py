@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from slserve.adapters.dora import BaseWeights
+from slserve.adapters.nested import nested_rank_problem, split_nested
 from slserve.adapters.peft_format import AdapterError
 from slserve.config import EngineConfig
 from slserve.memory.adapter_pages import DeviceAdapterCache
@@ -99,7 +101,7 @@ class Engine:
                     config.page_tokens, num_pages * page_elems * itemsize / 2**30)
 
         self.store = AdapterStore(config.adapter_path, cfg, config.max_lora_rank, config.host_cache_bytes,
-                                  config.torch_dtype)
+                                  BaseWeights(path, cfg), config.torch_dtype)
         if config.preload_adapters:
             t0 = time.perf_counter()
             n = self.store.preload()
@@ -146,12 +148,11 @@ class Engine:
                 f"{params.max_tokens} for the completion). Please reduce the prompt or max_tokens.",
                 param="max_tokens" if len(ids) < self.max_model_len else "prompt",
             )
-        if adapter is not None and adapter not in self.store:
-            raise RequestError(f"The model `{adapter}` does not exist.", status=404, param="model")
+        adapter, rank = self._resolve_adapter(adapter)
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self.requests:
             raise RequestError(f"duplicate request id {rid}")
-        req = Request(rid, ids, params, adapter)
+        req = Request(rid, ids, params, adapter, adapter_rank=rank)
         if params.structured_outputs is not None:
             try:
                 req.matcher = self.grammars.matcher(params.structured_outputs)
@@ -170,6 +171,24 @@ class Engine:
             if self._grammars is None:
                 self._grammars = Grammars(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_ids))
             return self._grammars
+
+    def _resolve_adapter(self, model: str | None) -> tuple[str | None, int | None]:
+        """(adapter name, nested rank or None) of a request's adapter (`name` or `name:rK`)."""
+        if model is None or model in self.store:
+            return model, None
+        name, rank = split_nested(model)
+        if rank is None or name not in self.store:
+            raise RequestError(f"The model `{model}` does not exist.", status=404, param="model")
+        try:
+            info = self.store.info(name, parse=True)
+        except AdapterNotFoundError:
+            raise RequestError(f"The model `{model}` does not exist.", status=404, param="model") from None
+        except AdapterError as exc:
+            raise RequestError(f"adapter {name!r} could not be loaded: {exc}", param="model") from None
+        problem = nested_rank_problem(name, info.kind, max(info.ranks.values(), default=0), rank)
+        if problem is not None:
+            raise RequestError(problem, param="model")
+        return name, rank
 
     def abort(self, request_id: str) -> StepOutput | None:
         req = self.requests.pop(request_id, None)
@@ -262,7 +281,7 @@ class Engine:
             outputs.append(self._finish(req, [], []))
         if plan is not None:
             touched = {c.slot for c in plan.adapter_commands if isinstance(c, AdapterLoad)}
-            self.adapter_cache.discard(touched | {slot for _, _, slot in plan.segments})
+            self.adapter_cache.discard(touched | {s.slot for s in plan.segments})
         self.check_pool()
         return outputs
 

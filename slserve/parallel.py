@@ -160,6 +160,17 @@ def lora_slice(module: str, a: torch.Tensor, b: torch.Tensor, ranges: dict[str, 
     return a, b
 
 
+def output_scale_slice(module: str, v: torch.Tensor, ranges: dict[str, tuple[range, range]]) -> torch.Tensor:
+    """This rank's view of a module's per-column output scale (or shift): its output columns for a
+    column-parallel module; the whole vector for a row-parallel one, whose every rank scales its
+    partial sum of all columns before the all-reduce adds them (a scale of the sum is the sum of
+    the scaled parts)."""
+    if module in ROW_PARALLEL:
+        return v
+    _, out_range = ranges[module]
+    return v[out_range.start : out_range.stop]
+
+
 class Collectives:
     """The two collectives of a step, as no-ops on one rank. NCCL on CUDA, gloo on CPU."""
 

@@ -9,7 +9,8 @@ holds a tensor or a `Request`, so under tensor parallelism it is the one message
     query_lens, context_lens  [S]  per sequence: new tokens, tokens in the cache after the step
     block_tables              [S]  per sequence: its pages, in order
     logits_index              [R]  the token whose logits sample each finishing prompt/decode
-    segments                       (start, end, adapter slot): token ranges of one adapter
+    segments                       Segment (start, end, adapter slot, rank): token ranges of one
+                                   adapter; rank K > 0 asks for its nested rank K (`name:rK`)
     adapter_commands               AdapterLoad / AdapterFree, applied before the forward
 
 Sampling state (seeded generators, per-request parameters) stays on rank 0, which samples from
@@ -19,7 +20,7 @@ the logits the runners return there (engine.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from slserve.adapters.peft_format import LoRAAdapter
@@ -50,6 +51,13 @@ class AdapterFree:
 AdapterCommand = AdapterLoad | AdapterFree
 
 
+class Segment(NamedTuple):
+    start: int
+    end: int
+    slot: int
+    rank: int = 0  # 0: the adapter as it is; K > 0: its first K ranks (memory/adapter_layout.py: view)
+
+
 @dataclass
 class StepPlan:
     input_ids: list[int] = field(default_factory=list)
@@ -60,7 +68,7 @@ class StepPlan:
     context_lens: list[int] = field(default_factory=list)
     block_tables: list[list[int]] = field(default_factory=list)
     logits_index: list[int] = field(default_factory=list)
-    segments: list[tuple[int, int, int]] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
     adapter_commands: list[AdapterCommand] = field(default_factory=list)
 
     @property
@@ -91,8 +99,10 @@ def build_plan(scheduled: list[tuple[Request, int]], page_tokens: int) -> tuple[
             sample.append(req)
         dev = req.device_adapter
         if dev is not None:
-            if segments and segments[-1][2] == dev.slot and segments[-1][1] == t0:
-                segments[-1] = (segments[-1][0], len(ids), dev.slot)
+            rank = req.adapter_rank or 0
+            last = segments[-1] if segments else None
+            if last is not None and (last.slot, last.rank, last.end) == (dev.slot, rank, t0):
+                segments[-1] = last._replace(end=len(ids))
             else:
-                segments.append((t0, len(ids), dev.slot))
+                segments.append(Segment(t0, len(ids), dev.slot, rank))
     return plan, sample

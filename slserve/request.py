@@ -29,6 +29,7 @@ class Request:
     params: SamplingParams
     adapter: str | None = None
     arrival: float = field(default_factory=time.monotonic)
+    adapter_rank: int | None = None  # a lower nested rank of a LoRA adapter (`name:rK`), else None
 
     # Prompt followed by every generated token; after a preemption the whole list is recomputed.
     token_ids: list[int] = field(init=False)

@@ -19,27 +19,33 @@ from slserve.adapters.peft_format import LoRAAdapter
 from slserve.backends import make_backend
 from slserve.config import EngineConfig, ModelConfig
 from slserve.kernels.cpu_ext import layer_ops
-from slserve.memory.adapter_layout import write_adapter
+from slserve.memory.adapter_layout import AdapterLayout, RankWeights, SlotView, write_adapter
 from slserve.memory.kv_cache import KVCache, kv_page_elems
 from slserve.memory.pool import allocate_storage
 from slserve.model.llama import LlamaModel
 from slserve.model.loader import load_state_dict
 from slserve.model.ops import TorchOps
-from slserve.parallel import Collectives, Shard, lora_slice
+from slserve.parallel import Collectives, Shard, lora_slice, output_scale_slice
 from slserve.plan import AdapterCommand, AdapterFree, AdapterLoad, StepPlan
 
 logger = logging.getLogger(__name__)
 
-Weights = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]
+def rank_weights(adapter: LoRAAdapter, ranges: dict[str, tuple[range, range]],
+                 copy: bool = False) -> RankWeights:
+    """A rank's slices of every LoRA pair and output scale: views, or contiguous copies to send to
+    another process."""
+    def own(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t.contiguous() if copy and t is not None else t
 
-
-def rank_weights(adapter: LoRAAdapter, ranges: dict[str, tuple[range, range]], copy: bool = False) -> Weights:
-    """A rank's slices of every LoRA pair: views, or contiguous copies to send to another process."""
-    out: Weights = {}
+    pairs = {}
     for (layer, module), w in adapter.modules.items():
         a, b = lora_slice(module, w.a, w.b, ranges)
-        out[(layer, module)] = (a.contiguous(), b.contiguous(), w.scale) if copy else (a, b, w.scale)
-    return out
+        pairs[(layer, module)] = (own(a), own(b), w.scale)
+    scales = {}
+    for (layer, module), s in adapter.output_scales.items():
+        shift = None if s.shift is None else own(output_scale_slice(module, s.shift, ranges))
+        scales[(layer, module)] = (own(output_scale_slice(module, s.vector, ranges)), shift)
+    return RankWeights(pairs, scales)
 
 
 def runner_device(config: EngineConfig, shard: Shard) -> torch.device:
@@ -70,7 +76,8 @@ class ModelRunner:
         self.backend = make_backend(config.kernel_backend, cfg, shard, self.comm, device, config.page_tokens,
                                     use_cpu_ext)
         self.ranges = shard.module_ranges(cfg)
-        self.tables: dict[int, torch.Tensor] = {}  # adapter slot -> its slot table (AdapterLayout.table)
+        self.layouts: dict[int, AdapterLayout] = {}  # adapter slot -> where its weights sit
+        self._views: dict[tuple[int, int], SlotView] = {}  # (slot, nested rank) -> its view, made once
         self._copies: dict[int, Future] = {}  # slot -> a background copy still writing its pages
         self._copier: ThreadPoolExecutor | None = None
         logger.debug("rank %d/%d: model shard loaded in %.1fs", shard.rank, shard.size,
@@ -79,28 +86,39 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
         """Apply the plan's adapter commands, then run its forward: logits [R, vocab] on rank 0."""
         self.apply(plan.adapter_commands)
-        for _, _, slot in plan.segments:
-            self._wait(slot)
+        for seg in plan.segments:
+            self._wait(seg.slot)
         if not plan.input_ids:
             return None
-        ctx = self.backend.prepare(plan, self.kv, self.tables, self.flat)
+        views = [self.view(seg.slot, seg.rank) for seg in plan.segments]
+        ctx = self.backend.prepare(plan, self.kv, views, self.flat)
         return self.model(ctx, self.kv, self.backend)
 
     def apply(self, commands: list[AdapterCommand]) -> None:
         for cmd in commands:
             if isinstance(cmd, AdapterFree):
                 self._wait(cmd.slot)  # its pages must not be reused while a copy still writes them
-                self.tables.pop(cmd.slot, None)
+                self.layouts.pop(cmd.slot, None)
+                self._views = {key: v for key, v in self._views.items() if key[0] != cmd.slot}
                 continue
             assert isinstance(cmd, AdapterLoad)
             weights = cmd.weights if cmd.weights is not None else rank_weights(cmd.adapter, self.ranges)
-            self.tables[cmd.slot] = cmd.layout.table()
+            self.layouts[cmd.slot] = cmd.layout
+            self._views[(cmd.slot, 0)] = cmd.layout.view()
             if cmd.background:  # a prefetch: copy while this step's forward runs
                 if self._copier is None:
                     self._copier = ThreadPoolExecutor(1, thread_name_prefix="slserve-adapter-copy")
                 self._copies[cmd.slot] = self._copier.submit(write_adapter, self.flat, cmd.layout, weights)
             else:
                 write_adapter(self.flat, cmd.layout, weights)
+
+    def view(self, slot: int, rank: int) -> SlotView:
+        """A resident adapter's view for segments asking for `rank` (0: its own ranks)."""
+        key = (slot, rank)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = self.layouts[slot].view(rank)
+        return view
 
     def _wait(self, slot: int) -> None:
         copy = self._copies.pop(slot, None)

@@ -275,7 +275,7 @@ def _duplicate(config: dict, tensors: dict) -> None:
 
 # id -> (edit of (config, tensors), words the message must contain, max_rank)
 REFUSALS: dict[str, tuple[Callable[[dict, dict], None], str, int]] = {
-    "non_lora_peft_type": (_set(peft_type="IA3"), "peft_type 'IA3' is not supported", 64),
+    "non_lora_peft_type": (_set(peft_type="LOHA"), "peft_type 'LOHA' is not supported", 64),
     "dora": (_set(use_dora=True), "DoRA", 64),
     "modules_to_save": (_set(modules_to_save=["lm_head"]), "modules_to_save", 64),
     "lora_bias_config": (_set(lora_bias=True), "lora_bias", 64),

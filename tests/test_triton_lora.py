@@ -258,3 +258,23 @@ def test_bf16_on_gpu(batch):
     y = lora_expand_triton(y0.clone(), h_torch, pool, *args, *rest)
     y_torch = lora_expand(y0.clone(), h_torch, pool, *args, *rest)
     torch.testing.assert_close(y, y_torch, **TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("batch", [BATCHES["mixed_ranks"], BATCHES["no_adapter_rows"]], ids=["mixed", "gaps"])
+def test_expand_factor_scales_each_segment(batch):
+    """factor[s] multiplies segment s's update (a nested rank's scale(K) / scale(r)), nothing else."""
+    in_features, out_features = SHAPES["q_48x48"]
+    T, pool, segs = build_pool(batch, in_features, lambda r: [r], [out_features], seed=11)
+    args = (segs.seg_start, segs.seg_len)
+    h = torch.randn(T, max(segs.rank), device=DEVICE)
+    h_off = [0] * len(segs.rank)
+    factor = torch.tensor([0.5 + s for s in range(len(segs.rank))], dtype=torch.float32, device=DEVICE)
+    y0 = torch.randn(T, out_features, device=DEVICE)
+    y = lora_expand_triton(y0.clone(), h, pool, *args, segs.b_off[0], h_off, segs.rank, 0, out_features,
+                           factor=factor)
+    expected = y0.clone()
+    for s, (s0, n) in enumerate(zip(*args, strict=True)):
+        r = segs.rank[s]
+        bt = pool[segs.b_off[0][s] : segs.b_off[0][s] + r * out_features].view(r, out_features)
+        expected[s0 : s0 + n] += factor[s] * h[s0 : s0 + n, :r] @ bt
+    torch.testing.assert_close(y, expected, **TOLERANCE[torch.float32])

@@ -2,8 +2,9 @@
 
 Each converter validates a PEFT folder's config and tensors against the base model and turns them
 into the normalised set (slserve/adapters/weights.py). A kind is served when the engine applies
-every part its converter produces; today that is the low-rank pairs only, so LoRA, AdaLoRA and
-VeRA are served, and the other kinds are parsed and validated but refused as not served yet.
+every part its converter produces; today those are the low-rank pairs and the output scales, so
+LoRA, AdaLoRA, VeRA, DoRA and IA3 are served, and the other kinds are parsed and validated but
+refused as not served yet.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from slserve.config import ModelConfig
 Converter = Callable[[dict, dict[str, torch.Tensor], ModelConfig, int, str], LoRAAdapter]
 
 # The parts of the normalised set the engine applies.
-SERVED_PARTS = frozenset({"modules"})
+SERVED_PARTS = frozenset({"modules", "output_scales"})
 
 
 @dataclass(frozen=True)
@@ -104,5 +105,5 @@ def require_served(adapter: LoRAAdapter) -> None:
         raise adapter_error(
             adapter.name,
             f"{KINDS[adapter.kind].what} adapters with {PART_NAMES[unserved[0]]} are not served yet "
-            "(only low-rank pairs are applied)",
+            "(only low-rank pairs and output scales are applied)",
         )

@@ -17,6 +17,7 @@ from safetensors.torch import load as load_safetensors
 
 from slserve.adapters import kinds
 from slserve.adapters.checks import max_gain
+from slserve.adapters.dora import BaseWeights, resolve_weight_norms
 from slserve.adapters.weights import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -89,23 +90,26 @@ def _read_files(dir_fd: int, name: str) -> tuple[bytes, bytes]:
     return config_bytes, weights_bytes
 
 
-def load_peft_adapter(path: str | os.PathLike, model: ModelConfig, max_rank: int, name: str) -> LoRAAdapter:
+def load_peft_adapter(path: str | os.PathLike, model: ModelConfig, max_rank: int, name: str,
+                      base: BaseWeights | None = None) -> LoRAAdapter:
     """Load and validate the adapter saved by peft's save_pretrained in directory `path`."""
     config_bytes, weights_bytes = read_adapter_dir(path, name)
-    return parse_peft_adapter(config_bytes, weights_bytes, model, max_rank, name)
+    return parse_peft_adapter(config_bytes, weights_bytes, model, max_rank, name, base)
 
 
 def parse_peft_adapter(
-    config_bytes: bytes, weights_bytes: bytes, model: ModelConfig, max_rank: int, name: str
+    config_bytes: bytes, weights_bytes: bytes, model: ModelConfig, max_rank: int, name: str,
+    base: BaseWeights | None = None,
 ) -> LoRAAdapter:
     """An adapter the engine serves, given as the bytes of its two files (an upload); raises
-    AdapterError, also for a kind or a part the engine does not serve yet."""
+    AdapterError, also for a kind or a part the engine does not serve yet. `base`: the base
+    model's weights, which DoRA's norms need (adapters/dora.py)."""
     config = _parse_config_json(config_bytes, name)
     kind = kinds.kind_of(config, name)
     kinds.require_served_kind(kind, name)
     adapter = kind.convert(config, _load_tensors(weights_bytes, name), model, max_rank, name)
     kinds.require_served(adapter)
-    return adapter
+    return resolve_weight_norms(adapter, base)
 
 
 def convert_peft_adapter(

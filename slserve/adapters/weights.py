@@ -82,12 +82,18 @@ class OutputScale:
         y = s * (x @ W^T + bias + lora(x))      (scales_bias=True: IA3)
 
     With `weight_norm` the vector holds DoRA's magnitude m and the scale is
-    s = m / |W + scale * B @ A|_row (the norm of each output row, taken with the base weights).
+    s = m / |W + scale * B @ A|_row (the norm of each output row, taken with the base weights);
+    the converter cannot know W, so the store resolves it once at load (adapters/dora.py) into
+    `vector` = s and, for a module with a bias, `shift` = (1 - s) * bias. What the engine applies
+    is then always
+
+        y = vector * (x @ W^T + bias + lora(x)) + shift
     """
 
     vector: torch.Tensor  # [out] float32
     scales_bias: bool
     weight_norm: bool
+    shift: torch.Tensor | None = None  # [out] float32
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,7 +152,7 @@ def build_adapter(
     output_scales, norms = output_scales or {}, norms or {}
     nbytes = tensor_bytes(
         *(t for w in modules.values() for t in (w.a, w.b)),
-        *(s.vector for s in output_scales.values()),
+        *(t for s in output_scales.values() for t in (s.vector, s.shift)),
         *norms.values(),
         *tensors.values(),
     )

@@ -39,6 +39,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from slserve.adapters.nested import split_nested
 from slserve.api import protocol as p
 from slserve.api.errors import APIError, error_body, install_error_handlers, to_api_error
 from slserve.api.metrics import RequestCounter, ServerMetrics, TokenTimer
@@ -506,7 +507,7 @@ def create_app(
         """404 for a `model` that names neither the base model nor an adapter, for routes that do
         not go through the engine (which checks it itself)."""
         adapter = adapter_of(model)
-        if adapter is not None and adapter not in engine.engine.store:
+        if adapter is not None and split_nested(adapter)[0] not in engine.engine.store:
             raise APIError(404, f"The model `{adapter}` does not exist.", "model", "model_not_found")
 
     def check_length(num_prompt_tokens: int, max_tokens: int) -> None:

@@ -77,14 +77,44 @@ def slot_row(a_off: int, rank: int, in_features: int,
     return row + [0] * (SLOT_FIELDS - len(row))
 
 
+# One row per (segment, layer, group) of an adapter with output scales (DoRA, IA3):
+#   [num_scales, then (v_off, c_off, width, y0) for each]    y[:, y0 : y0 + width] = y * v (+ c)
+# c_off is -1 when the module has no shift.
+SCALE_FIELDS = 1 + 4 * MAX_EXPANDS
+
+
+def scale_row(scales: list[tuple[int, int, int, int]]) -> list[int]:
+    """An output-scale row: (v_off, c_off, width, y0) per scaled module of the group."""
+    row = [len(scales)]
+    for s in scales:
+        row.extend(s)
+    return row + [0] * (SCALE_FIELDS - len(row))
+
+
+def apply_output_scales(y: torch.Tensor, pool: torch.Tensor, bounds: list[tuple[int, int]],
+                        rows: list[list[int]]) -> None:
+    """y[s0:s1, y0 : y0 + width] = y * pool[v_off : v_off + width] (+ pool[c_off : ...]) for each
+    segment's scale-table row (SCALE_FIELDS) of the layer and group being applied. In place."""
+    for (s0, s1), row in zip(bounds, rows, strict=True):
+        for e in range(row[0]):
+            v_off, c_off, width, y0 = row[1 + 4 * e : 5 + 4 * e]
+            ys = y[s0:s1, y0 : y0 + width]
+            ys.mul_(pool[v_off : v_off + width])
+            if c_off >= 0:
+                ys.add_(pool[c_off : c_off + width])
+
+
 def apply_lora(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, bounds: torch.Tensor,
-               slots: torch.Tensor) -> None:
+               slots: torch.Tensor, factors: torch.Tensor | None = None) -> None:
     """The model's hot path, in torch: the C++ op (kernels/csrc/lora_cpu.cpp) has this contract.
 
     bounds: int64 [S, 2], each segment's (start, end) token rows; slots: int64 [S, SLOT_FIELDS],
     each segment's slot-table row for the layer and group being applied. In place on y.
+    factors: float [S, MAX_EXPANDS], each expand's factor (a nested rank's scale(K) / scale(r));
+    the C++ op has none: segments with factors run here.
     """
-    for (s0, s1), row in zip(bounds.tolist(), slots.tolist(), strict=True):
+    scale = factors.tolist() if factors is not None else None
+    for i, ((s0, s1), row) in enumerate(zip(bounds.tolist(), slots.tolist(), strict=True)):
         a_off, rank, in_f, n_expand = row[:4]
         if s1 <= s0 or rank == 0:
             continue
@@ -92,4 +122,4 @@ def apply_lora(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, bounds: tor
         for e in range(n_expand):
             b_off, r, out, h0, y0 = row[4 + 5 * e : 9 + 5 * e]
             bt = pool[b_off : b_off + r * out].view(r, out)
-            y[s0:s1, y0 : y0 + out].addmm_(h[:, h0 : h0 + r], bt)
+            y[s0:s1, y0 : y0 + out].addmm_(h[:, h0 : h0 + r], bt, alpha=scale[i][e] if scale else 1)

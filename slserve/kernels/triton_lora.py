@@ -94,6 +94,7 @@ def _lora_expand_kernel(
     b_off_ptr,
     h_off_ptr,
     rank_ptr,
+    factor_ptr,
     # sizes
     y_off,
     out_features,
@@ -106,6 +107,7 @@ def _lora_expand_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_O: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    HAS_FACTOR: tl.constexpr,
 ):
     seg = tl.program_id(0)
     t_block = tl.program_id(1)
@@ -139,6 +141,8 @@ def _lora_expand_kernel(
             other=0.0,
         )  # [BLOCK_R, BLOCK_O]
         acc += tl.dot(h, bt.to(h.dtype), input_precision="ieee")
+    if HAS_FACTOR:
+        acc *= tl.load(factor_ptr + seg)
     y_ptrs = y_ptr + (s0 + t)[:, None] * stride_yt + (y_off + o)[None, :] * stride_yo
     mask = t_valid[:, None] & o_valid[None, :]
     y = tl.load(y_ptrs, mask=mask, other=0.0)
@@ -236,6 +240,7 @@ def lora_expand_triton(
     out_features: int,
     *,
     max_seg_len: int | None = None,
+    factor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y[seg, y_off : y_off + out] += h[seg, h0 : h0 + r] @ B^T per segment, in place; returns y.
 
@@ -243,8 +248,9 @@ def lora_expand_triton(
         for s in range(S):
             BT = pool[b_off[s] : b_off[s] + rank[s] * out].view(rank[s], out)
             rows = slice(seg_start[s], seg_start[s] + seg_len[s])
-            y[rows, y_off : y_off + out] += h[rows, h_off[s] : h_off[s] + rank[s]] @ BT
+            y[rows, y_off : y_off + out] += factor[s] * h[rows, h_off[s] : h_off[s] + rank[s]] @ BT
 
+    factor: float32 [S] on y's device (a nested rank's scale(K) / scale(r)); None: every factor 1.
     The sum is taken in fp32 and cast to y's dtype. Same argument rules as lora_shrink_triton.
     """
     T = y.shape[0]
@@ -277,6 +283,7 @@ def lora_expand_triton(
         b_off_t,
         h_off_t,
         rank_t,
+        factor if factor is not None else rank_t,  # never read without HAS_FACTOR
         y_off,
         out_features,
         *y.stride(),
@@ -284,5 +291,6 @@ def lora_expand_triton(
         BLOCK_T=block_t,
         BLOCK_O=_BLOCK_O,
         BLOCK_R=_BLOCK_R,
+        HAS_FACTOR=factor is not None,
     )
     return y

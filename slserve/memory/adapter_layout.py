@@ -14,19 +14,29 @@ Within one layer the block reads
     B^T_q [rq, q_size]  B^T_k [rk, kv_size]  B^T_v [rv, kv_size]  B^T_o [ro, hidden]
     B^T_gate [rg, intermediate]  B^T_up [ru, intermediate]  B^T_down [rd, hidden]
 
+    then, for each module with an output scale (DoRA, IA3), its vector [width] and, for a DoRA
+    module with a bias, the shift (1 - s) * bias [width]
+
 with every size the rank's own (parallel.py: Shard.lora_shapes); absent modules take no room,
-B^T carries the module's scale, nothing is padded to a maximum rank.
+B^T carries the module's scale, nothing is padded to a maximum rank. An output scale's width is
+the module's columns in the rank's output: its own output columns for a column-parallel module,
+every hidden column for a row-parallel one (each rank scales its partial sum before the all-reduce).
+
+A segment reads an adapter through a `SlotView`: the slot table, and two parts present only when
+used, so that a step of plain LoRA requests does no extra work: the factor of each expand when the
+request asks for a lower nested rank (`name:rK`), and the output-scale table.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from slserve.config import ModelConfig
-from slserve.kernels.lora import SLOT_FIELDS, slot_row
+from slserve.kernels.lora import MAX_EXPANDS, SCALE_FIELDS, SLOT_FIELDS, scale_row, slot_row
 from slserve.parallel import ROW_PARALLEL
 
 # group -> the modules it fuses, in the column order of the fused base projection
@@ -37,6 +47,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "down": ("down_proj",),
 }
 GROUP_OF = {module: group for group, modules in GROUPS.items() for module in modules}
+GROUP_INDEX = {group: g for g, group in enumerate(GROUPS)}
 
 
 def group_columns(model: ModelConfig) -> dict[str, int]:
@@ -64,15 +75,45 @@ class ModuleSlot:
 
 
 @dataclass(frozen=True)
+class ScaleSlot:
+    """One (layer, module) output scale of a resident adapter: y[:, y0 : y0 + width] = y * v (+ c)."""
+
+    layer: int
+    module: str
+    group: str
+    width: int
+    v_off: int
+    c_off: int  # the shift (1 - s) * bias, or -1 when the module has none
+    y0: int
+
+
+@dataclass(frozen=True)
+class SlotView:
+    """What a segment of one resident adapter reads in a step (see the module docstring)."""
+
+    table: torch.Tensor  # int64 [layers, groups, SLOT_FIELDS]
+    factors: torch.Tensor | None  # float32 [layers, groups, MAX_EXPANDS]; None: every factor is 1
+    scales: torch.Tensor | None  # int64 [layers, groups, SCALE_FIELDS]; None: no output scale
+
+
+@dataclass(frozen=True)
 class AdapterLayout:
     slots: tuple[ModuleSlot, ...]  # by layer, then in GROUPS order
     num_layers: int
+    scales: tuple[ScaleSlot, ...] = ()
+    rslora: bool = False  # the adapter's scale is alpha / sqrt(r): a lower rank K rescales by sqrt(r / K)
 
-    def table(self) -> torch.Tensor:
-        """The packed view for the LoRA op: int64 [layers, len(GROUPS), SLOT_FIELDS]."""
-        by_group: dict[tuple[int, str], list[ModuleSlot]] = {}
-        for s in self.slots:
+    def _by_group(self, slots) -> dict[tuple[int, str], list]:
+        by_group: dict[tuple[int, str], list] = {}
+        for s in slots:
             by_group.setdefault((s.layer, s.group), []).append(s)
+        return by_group
+
+    def table(self, rank: int = 0) -> torch.Tensor:
+        """The packed view for the LoRA op: int64 [layers, len(GROUPS), SLOT_FIELDS]. rank K > 0:
+        the nested view, each module's first min(K, r) rows of A and B^T (a fused group still
+        shrinks with all its stacked A rows: the first K rows of each are not contiguous)."""
+        by_group = self._by_group(self.slots)
         rows = []
         for layer in range(self.num_layers):
             for group in GROUPS:
@@ -80,21 +121,59 @@ class AdapterLayout:
                 if not mods:  # rank 0: the adapter leaves this group alone
                     rows.append(slot_row(0, 0, 0, []))
                     continue
-                expands = [(s.b_off, s.rank, s.out_features, s.h0, s.y0) for s in mods]
-                rows.append(slot_row(mods[0].a_off, sum(s.rank for s in mods), mods[0].in_features, expands))
+                ranks = [min(rank, s.rank) if rank else s.rank for s in mods]
+                expands = [(s.b_off, r, s.out_features, s.h0, s.y0) for s, r in zip(mods, ranks, strict=True)]
+                shrink = ranks[0] if len(mods) == 1 else sum(s.rank for s in mods)
+                rows.append(slot_row(mods[0].a_off, shrink, mods[0].in_features, expands))
         return torch.tensor(rows, dtype=torch.int64).view(self.num_layers, len(GROUPS), SLOT_FIELDS)
 
+    def factors(self, rank: int) -> torch.Tensor:
+        """float32 [layers, groups, MAX_EXPANDS]: scale(K) / scale(r) of each expand of the nested
+        view at rank K, for B^T holds the scale of the module's full rank r."""
+        out = torch.ones(self.num_layers, len(GROUPS), MAX_EXPANDS)
+        for (layer, group), mods in self._by_group(self.slots).items():
+            g = GROUP_INDEX[group]
+            for e, s in enumerate(mods):
+                ratio = s.rank / min(rank, s.rank)
+                out[layer, g, e] = ratio**0.5 if self.rslora else ratio
+        return out
 
-def layer_elems(ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]]) -> int:
-    """Pool elements of one layer block whose modules have these ranks."""
-    return sum(r * (shapes[m][0] + shapes[m][1]) for m, r in ranks.items())
+    def scale_table(self) -> torch.Tensor | None:
+        """int64 [layers, len(GROUPS), SCALE_FIELDS], or None when the adapter has no output scale."""
+        if not self.scales:
+            return None
+        by_group = self._by_group(self.scales)
+        rows = []
+        for layer in range(self.num_layers):
+            for group in GROUPS:
+                mods = by_group.get((layer, group), [])
+                rows.append(scale_row([(s.v_off, s.c_off, s.width, s.y0) for s in mods]))
+        return torch.tensor(rows, dtype=torch.int64).view(self.num_layers, len(GROUPS), SCALE_FIELDS)
+
+    def view(self, rank: int = 0) -> SlotView:
+        """A segment's view: the adapter as laid out, or its nested rank K (rank > 0)."""
+        nested = 0 < rank < max((s.rank for s in self.slots), default=0)
+        return SlotView(self.table(rank if nested else 0), self.factors(rank) if nested else None,
+                        self.scale_table())
+
+
+
+def layer_elems(ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]],
+                scales: Mapping[str, int] | None = None, widths: Mapping[str, int] | None = None) -> int:
+    """Pool elements of one layer block whose modules have these ranks and these output scales
+    (module -> number of vectors: 1, or 2 with a shift; widths: module -> scale width)."""
+    pairs = sum(r * (shapes[m][0] + shapes[m][1]) for m, r in ranks.items())
+    return pairs + sum(n * widths[m] for m, n in (scales or {}).items())
 
 
 def lay_out(layer_ranks: list[dict[str, int]], shapes: Mapping[str, tuple[int, int]],
-            columns: Mapping[str, int], layer_offsets: list[int]) -> AdapterLayout:
+            columns: Mapping[str, int], layer_offsets: list[int],
+            layer_scales: list[dict[str, int]] | None = None, widths: Mapping[str, int] | None = None,
+            rslora: bool = False) -> AdapterLayout:
     """The layout of an adapter whose layer l block starts at pool element layer_offsets[l];
-    layer_ranks[l]: module -> rank for the modules the adapter has in layer l."""
-    slots = []
+    layer_ranks[l]: module -> rank for the modules the adapter has in layer l; layer_scales[l]:
+    module -> 1 or 2 for its output scale (with a shift) in layer l, each `widths[module]` wide."""
+    slots, scales = [], []
     for layer, ranks in enumerate(layer_ranks):
         off = layer_offsets[layer]
         a_offs: dict[str, int] = {}
@@ -116,15 +195,33 @@ def lay_out(layer_ranks: list[dict[str, int]], shapes: Mapping[str, tuple[int, i
                 ))
                 off += r * shapes[mod][1]
                 h0 += r
-    return AdapterLayout(tuple(slots), len(layer_ranks))
+        own = layer_scales[layer] if layer_scales else {}
+        for mod in (m for modules in GROUPS.values() for m in modules if m in own):  # then the scales
+            width = widths[mod]
+            c_off = off + width if own[mod] == 2 else -1
+            scales.append(ScaleSlot(layer=layer, module=mod, group=GROUP_OF[mod], width=width, v_off=off,
+                                    c_off=c_off, y0=0 if mod in ROW_PARALLEL else columns[mod]))
+            off += own[mod] * width
+    return AdapterLayout(tuple(slots), len(layer_ranks), tuple(scales), rslora)
 
 
-def write_adapter(flat: torch.Tensor, layout: AdapterLayout,
-                  weights: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]) -> None:
-    """Write one rank's weights into its pool at the layout's offsets. weights: (layer, module) ->
-    (A [r, in], B [out, r], scale), already cut to the rank's slice (parallel.py: lora_slice)."""
+class RankWeights(NamedTuple):
+    """One rank's slices of an adapter (parallel.py: lora_slice, output_scale_slice)."""
+
+    # (layer, module) -> (A [r, in], B [out, r], scale)
+    pairs: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]
+    scales: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor | None]]  # -> (s [width], shift | None)
+
+
+def write_adapter(flat: torch.Tensor, layout: AdapterLayout, weights: RankWeights) -> None:
+    """Write one rank's weights into its pool at the layout's offsets."""
+    for s in layout.scales:
+        vector, shift = weights.scales[(s.layer, s.module)]
+        flat[s.v_off : s.v_off + s.width].copy_(vector)
+        if s.c_off >= 0:
+            flat[s.c_off : s.c_off + s.width].copy_(shift)
     for s in layout.slots:
-        a, b, scale = weights[(s.layer, s.module)]
+        a, b, scale = weights.pairs[(s.layer, s.module)]
         flat[s.a_off : s.a_off + s.rank * s.in_features].view(s.rank, s.in_features).copy_(a)
         # Scale in float32, then one transposing, rounding copy into the pages.
         flat[s.b_off : s.b_off + s.rank * s.out_features].view(s.rank, s.out_features).copy_((b.float() * scale).t())

@@ -22,6 +22,7 @@ from slserve.adapters.peft_format import LoRAAdapter
 from slserve.config import ModelConfig
 from slserve.memory.adapter_layout import AdapterLayout, group_columns, lay_out, layer_elems
 from slserve.memory.pool import Owner, PagePool
+from slserve.parallel import ROW_PARALLEL
 from slserve.plan import AdapterCommand, AdapterFree, AdapterLoad
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,10 @@ class DeviceAdapterCache:
         self.stats = AdapterPageStats()
         self._prefetched: set[str] = set()
         self._columns = group_columns(model)
+        # An output scale covers the module's columns of the rank's output: all hidden columns
+        # of a row-parallel module (parallel.py: output_scale_slice).
+        self._widths = {m: model.hidden_size if m in ROW_PARALLEL else out
+                        for m, (_, out) in self.shapes.items()}
         self._loader = executor or ThreadPoolExecutor(max_workers=1,
                                                       thread_name_prefix="slserve-adapter-load")
         self._host_loading: dict[str, tuple[Future, int]] = {}  # name -> (host load, generation)
@@ -110,10 +115,20 @@ class DeviceAdapterCache:
             ranks[layer][module] = w.a.shape[0]
         return ranks
 
+    def _layer_scales(self, adapter: LoRAAdapter) -> list[dict[str, int]]:
+        """layer -> module -> vectors of its output scale (2 with a shift)."""
+        scales: list[dict[str, int]] = [{} for _ in range(self.model.num_layers)]
+        for (layer, module), s in adapter.output_scales.items():
+            scales[layer][module] = 1 if s.shift is None else 2
+        return scales
+
+    def _sizes(self, adapter: LoRAAdapter) -> list[int]:
+        return [layer_elems(r, self.shapes, s, self._widths)
+                for r, s in zip(self._layer_ranks(adapter), self._layer_scales(adapter), strict=True)]
+
     def pages_needed(self, adapter: LoRAAdapter) -> int:
         """Pages the adapter takes if it gets one run (the usual case)."""
-        elems = sum(layer_elems(r, self.shapes) for r in self._layer_ranks(adapter))
-        return max(1, -(-elems // self.pool.page_elems))
+        return max(1, -(-sum(self._sizes(adapter)) // self.pool.page_elems))
 
     # -- residency ---------------------------------------------------------------------------
     def generation(self, name: str) -> int:
@@ -255,8 +270,7 @@ class DeviceAdapterCache:
         background: bool = False,
         private: bool = False,
     ) -> DeviceAdapter | None:
-        layer_ranks = self._layer_ranks(adapter)
-        sizes = [layer_elems(r, self.shapes) for r in layer_ranks]
+        sizes = self._sizes(adapter)
         need = self.pages_needed(adapter)
         if self.pool.num_free < need + reserve_pages:
             if not may_evict:
@@ -272,7 +286,9 @@ class DeviceAdapterCache:
         if runs is None:
             return None
         layer_offsets, runs = runs
-        layout = lay_out(layer_ranks, self.shapes, self._columns, layer_offsets)
+        rslora = bool(adapter.config.get("use_rslora"))
+        layout = lay_out(self._layer_ranks(adapter), self.shapes, self._columns, layer_offsets,
+                         self._layer_scales(adapter), self._widths, rslora)
         dev = DeviceAdapter(name=adapter.name, adapter=adapter, slot=next(self._slots), runs=runs,
                             layout=layout, num_pages=sum(n for _, n in runs),
                             generation=self.generation(adapter.name))

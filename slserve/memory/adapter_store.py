@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from slserve.adapters.dora import BaseWeights
 from slserve.adapters.host_copy import host_copy
 from slserve.adapters.peft_format import (
     CONFIG_FILE,
@@ -102,12 +103,14 @@ class AdapterStore:
     """Disk tier plus host LRU tier. Thread-safe: the engine thread and a prefetch thread share it."""
 
     def __init__(self, root: Path, model: ModelConfig, max_rank: int, host_cache_bytes: int,
-                 serving_dtype: torch.dtype = torch.float32) -> None:
-        """`serving_dtype`: the pool's; parsed adapters are kept as host_copy makes them for it."""
+                 base: BaseWeights | None = None, serving_dtype: torch.dtype = torch.float32) -> None:
+        """base: the base model's weights, which DoRA adapters need (without, they are refused).
+        serving_dtype: the pool's; parsed adapters are kept as host_copy makes them for it."""
         if host_cache_bytes <= 0:
             raise ValueError("host_cache_bytes must be positive")
         self.root = Path(root)
         self.model = model
+        self.base = base
         self.max_rank = max_rank
         self.host_capacity_bytes = host_cache_bytes
         self.serving_dtype = serving_dtype
@@ -274,8 +277,8 @@ class AdapterStore:
             with self._lock:
                 version = self._entry(name).version
             try:
-                adapter = host_copy(load_peft_adapter(self.root / name, self.model, self.max_rank, name),
-                                    self.serving_dtype)
+                adapter = host_copy(load_peft_adapter(self.root / name, self.model, self.max_rank, name,
+                                                      self.base), self.serving_dtype)
             except AdapterError:
                 # A replace or remove moves the directory away for a moment: wait for that write
                 # to finish and read again if the adapter changed; otherwise the error is its own.
@@ -340,8 +343,8 @@ class AdapterStore:
     ) -> AdapterInfo:
         """Store an uploaded adapter. Nothing becomes visible unless it validates completely."""
         validate_name(name)
-        adapter = host_copy(parse_peft_adapter(config_bytes, weights_bytes, self.model, self.max_rank, name),
-                            self.serving_dtype)
+        adapter = host_copy(parse_peft_adapter(config_bytes, weights_bytes, self.model, self.max_rank, name,
+                                               self.base), self.serving_dtype)
         final = self.root / name
         with self._write_lock:
             with self._lock:
