@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from slserve.adapters.host_copy import host_copy
-from slserve.memory.adapter_layout import group_columns, lay_out, layer_elems, write_adapter
+from slserve.memory.adapter_layout import RankWeights, group_columns, lay_out, layer_elems, write_adapter
 from tests.test_scheduler_properties import ALL, MODEL, make_adapter
 
 
@@ -24,7 +24,7 @@ def pool_contents(adapter, dtype: torch.dtype) -> torch.Tensor:
         off += layer_elems(r, shapes)
     layout = lay_out(ranks, shapes, group_columns(MODEL), offsets)
     flat = torch.zeros(off, dtype=dtype)
-    write_adapter(flat, layout, {k: (w.a, w.b, w.scale) for k, w in adapter.modules.items()})
+    write_adapter(flat, layout, RankWeights({k: (w.a, w.b, w.scale) for k, w in adapter.modules.items()}, {}))
     return flat
 
 
