@@ -120,10 +120,10 @@ def test_tensor_parallel_slices_dequantize_to_the_whole_model():
     assert shards[0]["model.norm.weight"].dtype == torch.float32  # everything else as it was
 
 
-MAX_TOKENS = 16
-ADAPTERS = [("r8-all", 8, ALL_TARGETS), ("r16-attn", 16, ["q_proj", "k_proj", "v_proj", "o_proj"]),
-            ("r32-mlp", 32, ["gate_proj", "up_proj", "down_proj"])]
-PROMPTS = ["The capital of France is", "In a distant galaxy, the crew of the starship", "def fibonacci(n):"]
+MAX_TOKENS = 12
+ADAPTERS = [("r8-all", 8, ALL_TARGETS), ("r32-mlp", 32, ["gate_proj", "up_proj", "down_proj"])]
+# Prompts whose greedy tokens from the float32 and the int8 weights part within MAX_TOKENS.
+PROMPTS = ["The quick brown fox", "In a distant galaxy, the crew of the starship"]
 
 
 def test_int8_mixed_batch_matches_peft_on_dequantized_weights(tmp_path):
@@ -157,4 +157,4 @@ def test_int8_mixed_batch_matches_peft_on_dequantized_weights(tmp_path):
     for (prompt, adapter), out, ref in zip(work, outs, expected, strict=True):
         assert out.token_ids == ref, f"adapter {adapter} on {prompt!r}"
     base_out = {p: ref for (p, a), ref in zip(work, expected, strict=True) if a is None}
-    assert sum(ref != base_out[p] for (p, a), ref in zip(work, expected, strict=True) if a) >= 6
+    assert sum(ref != base_out[p] for (p, a), ref in zip(work, expected, strict=True) if a) >= 3
