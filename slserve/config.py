@@ -15,7 +15,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 # Weight-only quantization modes of the base linear layers (slserve/model/quant.py).
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "q4")
 
 
 def default_cache_dir() -> Path:

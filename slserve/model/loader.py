@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from slserve.config import ModelConfig, default_cache_dir
-from slserve.model.quant import is_quantized_key, quantize
+from slserve.model.quant import is_quantized_key, needs_whole_rows, quantize
 from slserve.parallel import Shard, base_weight_slice
 
 logger = logging.getLogger(__name__)
@@ -142,8 +142,8 @@ def load_state_dict(path: Path, dtype: torch.dtype, cfg: ModelConfig | None = No
     `shard` (and the model's `cfg`), each tensor is read already cut to the rank's slice
     (parallel.py: base_weight_slice): no rank ever holds the whole model. With a `quantization`
     mode the projection weights are quantized from their float32 values as they are read
-    (model/quant.py); a row-parallel slice takes its scales from the whole rows, so those weights
-    are read whole, one at a time."""
+    (model/quant.py); an int8 row-parallel slice takes its scales from the whole rows, so those
+    weights are read whole, one at a time."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {path}")
@@ -162,7 +162,8 @@ def load_state_dict(path: Path, dtype: torch.dtype, cfg: ModelConfig | None = No
                     index = (cut_rows,) if dim == 0 else (slice(None), cut_rows)
                     tensor = f.get_slice(key)[index].to(read_dtype)
                 if quantized:
-                    whole_rows = f.get_tensor(key) if cut is not None and cut[0] == 1 else None
+                    row_slice = cut is not None and cut[0] == 1
+                    whole_rows = f.get_tensor(key) if row_slice and needs_whole_rows(quantization) else None
                     tensor = quantize(quantization, tensor, whole_rows)
                 state[key] = tensor
     return state
