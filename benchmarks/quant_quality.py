@@ -1,6 +1,6 @@
 """Quality and decode speed of each --quantization mode against the unquantized model, one run.
 
-    python benchmarks/quant_quality.py [--modes none int8] [--batches 1 16] [--gen-len 32]
+    python benchmarks/quant_quality.py [--modes none int8 q4] [--batches 1 16] [--threads 1]
 
 Perplexity: the fixed English text in benchmarks/quant_text.txt, teacher-forced through slserve's
 own forward (one prefill of the whole text, logits at every position), under float32, bfloat16
@@ -65,7 +65,7 @@ def decode_tok_s(llm: LLM, batch: int, prompt_len: int, gen_len: int, seed: int)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--modes", nargs="+", default=["none", "int8"])
+    ap.add_argument("--modes", nargs="+", default=["none", "int8", "q4"])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--gen-len", type=int, default=32)
