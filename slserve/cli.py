@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from slserve.config import EngineConfig
+from slserve.config import QUANTIZATIONS, EngineConfig
 from slserve.deploy.config import ROUTING_POLICIES, RayConfig
 
 MIB = 1 << 20
@@ -18,6 +18,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local HF model directory (default: embedded SmolLM2-135M)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
                    help="auto: bfloat16 on GPUs and CPUs with native bfloat16 matmuls, else float32")
+    p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                   help="weight-only quantization of the base projections (default: none)")
     p.add_argument("--device", default=d.device)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--pool-mib", type=int, default=d.pool_bytes // MIB, help="unified KV + adapter pool")
@@ -45,8 +47,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_config(a: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=a.model, dtype=a.dtype, device=a.device, seed=a.seed, pool_bytes=a.pool_mib * MIB,
-        page_tokens=a.page_tokens, max_num_seqs=a.max_num_seqs,
+        model=a.model, dtype=a.dtype, quantization=a.quantization, device=a.device, seed=a.seed,
+        pool_bytes=a.pool_mib * MIB, page_tokens=a.page_tokens, max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
         max_queue=a.max_queue, affinity_bound=a.affinity_bound, adapter_dir=a.adapter_dir, max_lora_rank=a.max_lora_rank,
         host_cache_bytes=a.host_cache_mib * MIB, preload_adapters=a.preload_adapters,

@@ -14,6 +14,9 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 
+# Weight-only quantization modes of the base linear layers (slserve/model/quant.py).
+QUANTIZATIONS = ("int8", "q4")
+
 
 def default_cache_dir() -> Path:
     """Where converted weights and the default adapter directory live (read once, here)."""
@@ -100,6 +103,7 @@ class EngineConfig:
 
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     dtype: str = "auto"  # bfloat16 | float32 | float16 | auto (see auto_dtype)
+    quantization: str | None = None  # None, or a mode of QUANTIZATIONS for the base projections
     device: str = "cpu"
     seed: int = 0
     # The unified pool: KV pages and adapter pages share it.
@@ -132,6 +136,9 @@ class EngineConfig:
             object.__setattr__(self, "dtype", auto_dtype(self.device))
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or None for none), "
+                             f"got {self.quantization!r}")
         if self.page_tokens < 1:
             raise ValueError("page_tokens must be >= 1")
         if self.pool_bytes <= 0:

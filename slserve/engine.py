@@ -96,8 +96,9 @@ class Engine:
             if self.workers is not None:
                 self.workers.close()
             raise
-        logger.info("loaded %s (%s, tp=%d) in %.1fs; pool: %d pages of %d tokens (%.2f GiB per rank)",
-                    self.model_name, config.dtype, config.tp, time.perf_counter() - t0, num_pages,
+        logger.info("loaded %s (%s, quantization %s, tp=%d) in %.1fs; pool: %d pages of %d tokens "
+                    "(%.2f GiB per rank)", self.model_name, config.dtype, config.quantization or "none",
+                    config.tp, time.perf_counter() - t0, num_pages,
                     config.page_tokens, num_pages * page_elems * itemsize / 2**30)
 
         self.store = AdapterStore(config.adapter_path, cfg, config.max_lora_rank, config.host_cache_bytes,

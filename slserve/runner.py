@@ -66,7 +66,7 @@ class ModelRunner:
         dtype = config.torch_dtype
         use_cpu_ext = config.cpu_extension and device.type == "cpu"
         t0 = time.perf_counter()
-        state = load_state_dict(model_path, dtype, cfg, shard)
+        state = load_state_dict(model_path, dtype, cfg, shard, config.quantization)
         ops = layer_ops() if use_cpu_ext else TorchOps()
         self.model = LlamaModel(cfg, state, device, cfg.max_position_embeddings, ops, shard, self.comm)
         del state

@@ -7,6 +7,8 @@
   table, instead of gathering the cache and running tiny batched matmuls.
 - `add_rms_norm`, `rotary_write_kv`, `silu_mul`: the element-wise steps of a decoder layer, one
   pass each (see slserve/model/ops.py).
+- `int8_linear`, `q4_linear`: quantized base projections (--quantization, slserve/model/quant.py)
+  at decode row counts, reading a quarter (int8) or under a fifth (q4) of float32's weight bytes.
 
 If the compiler is missing, the engine falls back to the pure torch path (same results).
 

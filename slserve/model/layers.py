@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slserve.config import cpu_has_native_bf16
+from slserve.model.quant import QuantizedWeight, quantized_matmul
 
 
 class LoRAHook(Protocol):
@@ -38,22 +39,33 @@ class Linear(nn.Module):
     partial outputs), applied after the LoRA term so that one collective carries both.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layer: int, group: str,
-                 reduce=None):
+    def __init__(self, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None, layer: int,
+                 group: str, reduce=None):
         super().__init__()
         self.reduce = reduce
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        if isinstance(weight, torch.Tensor):
+            self.weight = nn.Parameter(weight, requires_grad=False)
+            self.quantized = None
+        else:  # --quantization (model/quant.py): moved to the device by finalize
+            self.weight = None
+            self.quantized = weight
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.layer = layer
         self.group = group
         self._matmul = None
 
-    def finalize(self) -> None:
+    def finalize(self, device: torch.device | str = "cpu", cpu_ops=None) -> None:
         """Called once the weights sit on their device: choose the matmul implementation. The
         closure keeps what it needs (a packed copy, or the tensors themselves), so the module
-        drops its own references rather than hold the weights twice."""
-        self._matmul = dense(self.weight.data, None if self.bias is None else self.bias.data)
+        drops its own references rather than hold the weights twice. `cpu_ops`: the C++
+        helpers when built (the int8 loop)."""
+        bias = None if self.bias is None else self.bias.data
+        if self.quantized is not None:
+            self._matmul = quantized_matmul(self.quantized.to(device), bias, cpu_ops)
+        else:
+            self._matmul = dense(self.weight.data, bias)
         self.weight = None
+        self.quantized = None
         self.bias = None
 
     def forward(self, x: torch.Tensor, lora: LoRAHook | None) -> torch.Tensor:

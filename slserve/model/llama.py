@@ -17,7 +17,8 @@ from torch import nn
 from slserve.config import ModelConfig
 from slserve.memory.kv_cache import KVCache
 from slserve.model.layers import Linear, RMSNorm, Rotary, dense
-from slserve.model.ops import TorchOps
+from slserve.model.ops import CpuOps, TorchOps
+from slserve.model.quant import cat_weights
 from slserve.parallel import Collectives, Shard
 
 if TYPE_CHECKING:
@@ -30,11 +31,11 @@ class DecoderLayer(nn.Module):
         super().__init__()
         p = f"model.layers.{i}."
         attn, mlp = p + "self_attn.", p + "mlp."
-        qkv_w = torch.cat([state[attn + f"{n}_proj.weight"] for n in "qkv"])
+        qkv_w = cat_weights([state[attn + f"{n}_proj.weight"] for n in "qkv"])
         qkv_b = torch.cat([state[attn + f"{n}_proj.bias"] for n in "qkv"]) if cfg.qkv_bias else None
         self.qkv = Linear(qkv_w, qkv_b, i, "qkv")
         self.o = Linear(state[attn + "o_proj.weight"], None, i, "o", reduce)
-        gate_up = torch.cat([state[mlp + "gate_proj.weight"], state[mlp + "up_proj.weight"]])
+        gate_up = cat_weights([state[mlp + "gate_proj.weight"], state[mlp + "up_proj.weight"]])
         self.gate_up = Linear(gate_up, None, i, "gate_up")
         self.down = Linear(state[mlp + "down_proj.weight"], None, i, "down", reduce)
         self.input_norm = RMSNorm(state[p + "input_layernorm.weight"], cfg.rms_norm_eps)
@@ -61,7 +62,8 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], device, max_positions: int,
                  ops: TorchOps | None = None, shard: Shard | None = None, comm: Collectives | None = None):
-        """cfg: the whole model's config; state: this rank's shard of the weights."""
+        """cfg: the whole model's config; state: this rank's shard of the weights (projection
+        weights already quantized under --quantization, model/quant.py)."""
         super().__init__()
         self.cfg = cfg
         self.shard = shard = shard or Shard()
@@ -77,9 +79,10 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Parameter(lm_head, requires_grad=False)
         self.rotary = Rotary(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
         self.to(device)
+        cpu_ops = self.ops.ops if isinstance(self.ops, CpuOps) else None
         for module in self.modules():
             if isinstance(module, Linear):
-                module.finalize()
+                module.finalize(device, cpu_ops)
         self._lm_head = dense(self.lm_head.data)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from slserve.config import ModelConfig, default_cache_dir
+from slserve.model.quant import is_quantized_key, needs_whole_rows, quantize
 from slserve.parallel import Shard, base_weight_slice
 
 logger = logging.getLogger(__name__)
@@ -136,26 +137,35 @@ def load_model_config(path: Path) -> ModelConfig:
 
 
 def load_state_dict(path: Path, dtype: torch.dtype, cfg: ModelConfig | None = None,
-                    shard: Shard | None = None) -> dict[str, torch.Tensor]:
+                    shard: Shard | None = None, quantization: str | None = None) -> dict:
     """Every tensor of the checkpoint's safetensors files, cast to `dtype`. With a tensor-parallel
     `shard` (and the model's `cfg`), each tensor is read already cut to the rank's slice
-    (parallel.py: base_weight_slice): no rank ever holds the whole model."""
+    (parallel.py: base_weight_slice): no rank ever holds the whole model. With a `quantization`
+    mode the projection weights are quantized from their float32 values as they are read
+    (model/quant.py); an int8 row-parallel slice takes its scales from the whole rows, so those
+    weights are read whole, one at a time."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {path}")
-    state: dict[str, torch.Tensor] = {}
+    state: dict = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 cut = base_weight_slice(key, cfg, shard) if shard is not None else None
+                quantized = quantization is not None and is_quantized_key(key)
+                read_dtype = torch.float32 if quantized else dtype
                 if cut is None:
-                    state[key] = f.get_tensor(key).to(dtype)
-                    continue
-                dim, rows = cut
-                part = f.get_slice(key)
-                cut_rows = slice(rows.start, rows.stop)
-                index = (cut_rows,) if dim == 0 else (slice(None), cut_rows)
-                state[key] = part[index].to(dtype)
+                    tensor = f.get_tensor(key).to(read_dtype)
+                else:
+                    dim, rows = cut
+                    cut_rows = slice(rows.start, rows.stop)
+                    index = (cut_rows,) if dim == 0 else (slice(None), cut_rows)
+                    tensor = f.get_slice(key)[index].to(read_dtype)
+                if quantized:
+                    row_slice = cut is not None and cut[0] == 1
+                    whole_rows = f.get_tensor(key) if row_slice and needs_whole_rows(quantization) else None
+                    tensor = quantize(quantization, tensor, whole_rows)
+                state[key] = tensor
     return state
 
 

@@ -1,0 +1,215 @@
+"""Weight-only quantization of the base model's linear layers (opt-in: `--quantization`).
+
+Decode reads every base weight once per step for a handful of tokens, so a step costs weight
+bytes; int8 weights are a quarter of float32's and half of bfloat16's. Only the seven projections
+of each decoder layer (q, k, v, o, gate, up, down) are quantized; the embedding, lm_head and norms
+keep the serving dtype. Activations stay in the serving dtype, and LoRA runs on them unchanged:
+the base output y = x W^T comes from the quantized matmul and the step's LoRA term adds to it.
+
+int8: symmetric, one float32 scale per output channel (row of W [out, in]):
+
+    scale[n] = max_k |W[n, k]| / 127            (1 for an all-zero row)
+    q[n, k]  = clamp(round_half_even(W[n, k] / scale[n]), -127, 127)
+    W'[n, k] = q[n, k] * scale[n]               (the dequantized weight every path multiplies by)
+
+q4: asymmetric 4-bit codes in groups of Q4_GROUP = 32 consecutive inputs of a row, a float32
+scale and zero per group (the layout of GGUF's Q4_1 blocks):
+
+    scale[n, g] = (max - min) / 15 over the group (1 for a constant group), zero[n, g] = min
+    code[n, k]  = clamp(round_half_even((W[n, k] - zero) / scale), 0, 15), two codes a byte
+    W'[n, k]    = code[n, k] * scale[n, g] + zero[n, g]
+
+The embedded model's projections are Q4_1 blocks of 32 (dequantized into the cached
+safetensors), so q4 finds the same blocks again: each block's minimum is its code-0 level and
+its maximum its code-15 level, and the codes come back unchanged (scales to a float32 rounding).
+
+Weights are quantized from the checkpoint's float32 values as they are read (loader.py), each
+rank's slice after tensor-parallel slicing. An int8 row-parallel slice (o, down: split by input
+columns) takes its scales from the whole row, and q4 groups never straddle two ranks' columns,
+so the dequantized model is the same for any number of ranks.
+
+The matmul, by what the device offers:
+- CPU, float32 activations: the C++ loops `slserve::int8_linear` / `q4_linear`
+  (kernels/csrc/quant_cpu.cpp), up to LOOP_ROWS rows; ATen's `_weight_int8pack_mm` is vectorised
+  only for 16-bit activations, and its CPU int4 matmul is 25-50x slower than float32 on AVX2.
+- CPU, bfloat16 / float16 activations: ATen's `_weight_int8pack_mm` (int8); q4 widens the rows
+  to float32 for its C++ loop.
+- Longer prefill chunks (compute-bound), any device without either kernel, or a CPU without the
+  C++ helpers: dequantize, then the library matmul.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Rows up to which the C++ loops take the matmul. At SmolLM2's shapes on an AVX2 CPU, weights
+# read from memory, one thread, the int8 loop ran 2-3x faster than MKL's float32 matmul at 1-8
+# rows and about even at 64; past that the step is compute-bound and the library's blocking wins.
+LOOP_ROWS = 64
+
+# The projections whose weights are quantized, by the name of their checkpoint module.
+QUANTIZED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def is_quantized_key(key: str) -> bool:
+    """Whether a checkpoint tensor is one of the quantized projection weights."""
+    parts = key.split(".")
+    return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in QUANTIZED_MODULES
+
+
+def int8_scale(w: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel scale of W [out, in]: max |W| / 127 per row (1 for a zero row)."""
+    amax = w.float().abs().amax(dim=1)
+    return torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """W [out, in] as int8 codes and one float32 scale per output channel."""
+
+    q: torch.Tensor  # [out, in] int8
+    scale: torch.Tensor  # [out] float32
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, whole_rows: torch.Tensor | None = None) -> Int8Weight:
+        """`whole_rows`: the rows `w` is a slice of the columns of, whose scales it takes."""
+        w = w.float()
+        scale = int8_scale(w if whole_rows is None else whole_rows)
+        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        return cls(q.contiguous(), scale.contiguous())
+
+    @classmethod
+    def cat(cls, parts: list[Int8Weight]) -> Int8Weight:
+        """Stacked output channels (q|k|v, gate|up): codes and scales concatenate row by row."""
+        return cls(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
+
+    def to(self, device) -> Int8Weight:
+        return Int8Weight(self.q.to(device), self.scale.to(device))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W' [out, in] = q * scale, computed in float32 and then cast."""
+        return (self.q.float() * self.scale[:, None]).to(dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+
+Q4_GROUP = 32
+
+
+@dataclass(frozen=True)
+class Q4Weight:
+    """W [out, in] as 4-bit codes (two a byte) with a scale and zero per group of Q4_GROUP inputs."""
+
+    codes: torch.Tensor  # [out, in / 2] uint8: column 2j in the low nibble, 2j + 1 in the high one
+    scale: torch.Tensor  # [out, in / Q4_GROUP] float32
+    zero: torch.Tensor  # [out, in / Q4_GROUP] float32
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, whole_rows: torch.Tensor | None = None) -> Q4Weight:
+        """Groups lie inside a slice, so `whole_rows` is not needed."""
+        out, inp = w.shape
+        if inp % Q4_GROUP:
+            raise ValueError(f"q4 quantizes groups of {Q4_GROUP} inputs; this weight has {inp}")
+        g = w.float().view(out, inp // Q4_GROUP, Q4_GROUP)
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+        scale = (hi - lo) / 15
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8).view(out, inp)
+        return cls((q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(), scale.contiguous(), lo.contiguous())
+
+    @classmethod
+    def cat(cls, parts: list[Q4Weight]) -> Q4Weight:
+        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in ("codes", "scale", "zero")))
+
+    def to(self, device) -> Q4Weight:
+        return Q4Weight(self.codes.to(device), self.scale.to(device), self.zero.to(device))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W' [out, in] = code * scale + zero, computed in float32 and then cast."""
+        out = self.codes.shape[0]
+        q = torch.stack([self.codes & 15, self.codes >> 4], dim=-1).view(out, -1, Q4_GROUP).float()
+        return (q * self.scale[..., None] + self.zero[..., None]).view(out, -1).to(dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.codes.shape[0], self.codes.shape[1] * 2))
+
+
+QuantizedWeight = Int8Weight | Q4Weight
+QUANTIZED_TYPES: dict[str, type[QuantizedWeight]] = {"int8": Int8Weight, "q4": Q4Weight}
+
+
+def quantize(mode: str, w: torch.Tensor, whole_rows: torch.Tensor | None = None) -> QuantizedWeight:
+    """W [out, in] quantized by `mode`. `whole_rows`: the whole rows when `w` holds only some of
+    their columns (a row-parallel slice), for a mode whose scales span a whole row."""
+    return QUANTIZED_TYPES[mode].quantize(w, whole_rows)
+
+
+def needs_whole_rows(mode: str) -> bool:
+    """Whether a row-parallel slice of `mode` takes its scales from the whole rows (int8)."""
+    return QUANTIZED_TYPES[mode] is Int8Weight
+
+
+def cat_weights(parts: list) -> torch.Tensor | QuantizedWeight:
+    """Stack the output channels of several projections, plain or quantized alike."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    return type(parts[0]).cat(parts)
+
+
+def _has_kernel(op_name: str, device: torch.device) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op_name}", key)
+
+
+def int8_matmul(w: Int8Weight, bias: torch.Tensor | None, cpu_ops=None
+                ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x [T, in] -> x W'^T (+ bias) [T, out] in x's dtype. `cpu_ops`: torch.ops.slserve with the
+    C++ helpers built (None where they are not)."""
+    device = w.q.device
+    loop = cpu_ops.int8_linear if cpu_ops is not None and device.type == "cpu" else None
+    aten = _has_kernel("_weight_int8pack_mm", device)
+    scales = {dtype: w.scale.to(dtype) for dtype in (torch.bfloat16, torch.float16)}
+
+    def matmul(x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if loop is not None and x.dtype == torch.float32 and rows <= LOOP_ROWS:
+            y = x.new_empty(rows, w.q.shape[0])
+            loop(y, x.contiguous(), w.q, w.scale)
+        elif aten and x.dtype in scales and rows <= LOOP_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), w.q, scales[x.dtype])
+        else:
+            y = F.linear(x, w.dequantize(x.dtype))
+        return y if bias is None else y.add_(bias)
+
+    return matmul
+
+
+def q4_matmul(w: Q4Weight, bias: torch.Tensor | None, cpu_ops=None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x [T, in] -> x W'^T (+ bias) [T, out] in x's dtype (16-bit rows widened for the C++ loop)."""
+    loop = cpu_ops.q4_linear if cpu_ops is not None and w.codes.device.type == "cpu" else None
+
+    def matmul(x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if loop is not None and rows <= LOOP_ROWS:
+            y = x.new_empty(rows, w.codes.shape[0], dtype=torch.float32)
+            loop(y, x.float().contiguous(), w.codes, w.scale, w.zero, Q4_GROUP)
+            y = y.to(x.dtype)
+        else:
+            y = F.linear(x, w.dequantize(x.dtype))
+        return y if bias is None else y.add_(bias)
+
+    return matmul
+
+
+MATMULS: dict[type, Callable] = {Int8Weight: int8_matmul, Q4Weight: q4_matmul}
+
+
+def quantized_matmul(w: QuantizedWeight, bias: torch.Tensor | None, cpu_ops=None) -> Callable:
+    return MATMULS[type(w)](w, bias, cpu_ops)
