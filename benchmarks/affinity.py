@@ -54,7 +54,8 @@ def replay(llm: LLM, trace, bound: int) -> dict:
         "tok_s": generated / wall,
         "steps": steps,
         "adapters_per_step": (engine.counters["step_adapters"] - before["step_adapters"]) / steps,
-        "adapter_mb_per_step": (engine.counters["step_adapter_bytes"] - before["step_adapter_bytes"]) / steps / 1e6,
+        "adapter_mb_per_step": (engine.counters["step_adapter_bytes"] - before["step_adapter_bytes"])
+        / steps / 1e6,
         "ttft_p50": ttft[len(ttft) // 2],
         "ttft_p99": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
         "max_overtaken": max(req.overtaken for _, req in reqs),
@@ -66,7 +67,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter-dir", required=True)
     ap.add_argument("--num-adapters", type=int, default=100)
-    ap.add_argument("--prefix", default="lora-", help="adapter names: prefix + index, as make_adapters.py writes them")
+    ap.add_argument("--prefix", default="lora-",
+                    help="adapter names: prefix + index, as make_adapters.py writes them")
     ap.add_argument("--bounds", type=int, nargs="+", default=[0, 32])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--num-requests", type=int, default=256)

@@ -72,7 +72,8 @@ def main() -> None:
     print(f"{len(dirs)} adapters from {a.adapter_dir}")
     print(f"{'copy':<28} {'MB/adapter':>11} {'RSS MB/adapter':>15} {'adapters/GiB':>13} {'parse ms':>9}")
     for name, r in rows.items():
-        print(f"{name:<28} {r['tensor_bytes_per_adapter'] / 1e6:>11.2f} {r['rss_bytes_per_adapter'] / 1e6:>15.2f} "
+        print(f"{name:<28} {r['tensor_bytes_per_adapter'] / 1e6:>11.2f} "
+              f"{r['rss_bytes_per_adapter'] / 1e6:>15.2f} "
               f"{r['adapters_per_gib']:>13.1f} {r['parse_s_per_adapter'] * 1e3:>9.1f}")
     write_json(a.out, {"adapter_dir": a.adapter_dir, "torch": torch.__version__, "rows": rows})
 

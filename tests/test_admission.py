@@ -114,7 +114,8 @@ def test_cold_adapter_is_parsed_off_the_engine_thread(three_adapters, tmp_path):
         return get(name)
 
     engine.store.get = engine.adapter_cache.get_host = recording_get
-    running = engine.add_request("Once upon a time", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    running = engine.add_request("Once upon a time", long)
     engine.step()
     cold = engine.add_request("The capital of France is", SamplingParams(temperature=0, max_tokens=4), "a")
     broken = engine.add_request("Hello", SamplingParams(temperature=0, max_tokens=4), "broken")

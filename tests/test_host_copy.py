@@ -17,7 +17,8 @@ from tests.test_scheduler_properties import ALL, MODEL, make_adapter
 def pool_contents(adapter, dtype: torch.dtype) -> torch.Tensor:
     """The pool elements one adapter's copy writes, laid out from element 0."""
     shapes = MODEL.module_shapes()
-    ranks = [{m: w.rank for (layer, m), w in adapter.modules.items() if layer == i} for i in range(MODEL.num_layers)]
+    ranks = [{m: w.rank for (layer, m), w in adapter.modules.items() if layer == i}
+             for i in range(MODEL.num_layers)]
     offsets, off = [], 0
     for r in ranks:
         offsets.append(off)

@@ -34,7 +34,8 @@ def host_copy(adapter: LoRAAdapter, serving_dtype: torch.dtype) -> LoRAAdapter:
     def narrow_a(a: torch.Tensor) -> torch.Tensor:
         return a.to(serving_dtype) if serving_dtype in NARROW else _exact(a)
 
-    modules = {key: dataclasses.replace(w, a=narrow_a(w.a), b=_exact(w.b)) for key, w in adapter.modules.items()}
+    modules = {key: dataclasses.replace(w, a=narrow_a(w.a), b=_exact(w.b))
+               for key, w in adapter.modules.items()}
     before = tensor_bytes(*(t for w in adapter.modules.values() for t in (w.a, w.b)))
     after = tensor_bytes(*(t for w in modules.values() for t in (w.a, w.b)))
     return dataclasses.replace(adapter, modules=modules, nbytes=adapter.nbytes - before + after)

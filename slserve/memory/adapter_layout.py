@@ -224,4 +224,5 @@ def write_adapter(flat: torch.Tensor, layout: AdapterLayout, weights: RankWeight
         a, b, scale = weights.pairs[(s.layer, s.module)]
         flat[s.a_off : s.a_off + s.rank * s.in_features].view(s.rank, s.in_features).copy_(a)
         # Scale in float32, then one transposing, rounding copy into the pages.
-        flat[s.b_off : s.b_off + s.rank * s.out_features].view(s.rank, s.out_features).copy_((b.float() * scale).t())
+        bt = flat[s.b_off : s.b_off + s.rank * s.out_features].view(s.rank, s.out_features)
+        bt.copy_((b.float() * scale).t())

@@ -74,8 +74,9 @@ class DeviceAdapterCache:
     `model` is a rank's config and `shapes` its LoRA shapes (parallel.py: Shard.local_config,
     Shard.lora_shapes; the whole model by default). `executor` runs host loads (default: one
     worker thread); `on_host(name)` tells whether `get_host(name)` answers without reading and
-    parsing files (default: always). Every placement and release appends a command to `commands`, which the engine
-    hands to the model runners with the next step (`take_commands`)."""
+    parsing files (default: always). Every placement and release appends a command to
+    `commands`, which the engine hands to the model runners with the next step
+    (`take_commands`)."""
 
     def __init__(
         self,
