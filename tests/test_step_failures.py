@@ -231,7 +231,8 @@ class _RaiseOnCall:
 
 @pytest.mark.parametrize("where", ["runner.model", "sampler"])
 def test_step_failure_fails_only_that_steps_requests(base, adapters, tmp_path, where):
-    engine = _engine(tmp_path, 64, max_num_seqs=2)
+    # First come first served, so that the first step holds the first two requests.
+    engine = _engine(tmp_path, 64, max_num_seqs=2, affinity_bound=0)
     engine.add_adapter("x", adapters["old"])
     tok = engine.tokenizer
     prompts = ["The quick brown fox", "In a distant galaxy", "def fibonacci(n):", "Bread starts with"]
