@@ -199,6 +199,9 @@ class DeviceAdapterCache:
     def idle_pages(self) -> int:
         return sum(d.num_pages for d in self.resident.values() if d.pins == 0)
 
+    def _start_host_load(self, name: str) -> None:
+        self._host_loading[name] = (self._loader.submit(self.get_host, name), self.generation(name))
+
     def ready(self, name: str) -> bool:
         """Whether acquiring `name` reads no files on this thread: resident, or parsed on the
         host. If not, its host load starts in the background (admission waits for it)."""
@@ -206,7 +209,7 @@ class DeviceAdapterCache:
             return True
         loading = self._host_loading.get(name)
         if loading is None:
-            self._host_loading[name] = (self._loader.submit(self.get_host, name), self.generation(name))
+            self._start_host_load(name)
             return False
         if loading[0].done():  # failed, or parsed and already evicted from the host again:
             del self._host_loading[name]  # acquire raises the error, or parses it once more
@@ -221,7 +224,7 @@ class DeviceAdapterCache:
                 continue
             loading = self._host_loading.get(name)
             if loading is None:
-                self._host_loading[name] = (self._loader.submit(self.get_host, name), self.generation(name))
+                self._start_host_load(name)
                 continue
             fut, generation = loading
             if not fut.done():
