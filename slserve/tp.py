@@ -77,6 +77,7 @@ def _worker_main(rank: int, size: int, init_method: str, config: EngineConfig, m
 
     torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // size))
     shard = Shard(rank, size)
+    conn.send("joining")  # imports done: the rendezvous below takes milliseconds, not start-up time
     init_distributed(shard, init_method, runner_device(config, shard), config.tp_timeout)
     runner = ModelRunner(config, Path(model_path), cfg, shard, num_pages)
     conn.send("ready")
@@ -119,6 +120,9 @@ class TPWorkers:
             self.procs.append(proc)
             self.conns.append(parent)
         try:
+            # Spawning a worker and importing torch there can take longer than a step may, on a busy
+            # machine: the rendezvous (bounded by tp_timeout) waits until every worker is there.
+            self._expect("joining", "starting")
             init_distributed(Shard(0, self.size), init_method, device, self.timeout)
         except BaseException:
             self.close()
@@ -128,13 +132,20 @@ class TPWorkers:
 
     def wait_ready(self) -> None:
         """Block until every worker has loaded its shard (or one fails)."""
+        self._expect("ready", "loading")
+
+    def _expect(self, message: str, doing: str) -> None:
+        """Wait, without a time limit, for `message` from every worker; a worker that exits first
+        fails the group."""
         for rank, conn in enumerate(self.conns, start=1):
             while not conn.poll(0.2):
                 self.check()
                 if not self.procs[rank - 1].is_alive():
-                    raise WorkerFailure(f"tensor-parallel worker rank {rank} exited while loading "
+                    raise WorkerFailure(f"tensor-parallel worker rank {rank} exited while {doing} "
                                         f"(exit code {self.procs[rank - 1].exitcode})")
-            conn.recv()
+            got = conn.recv()
+            if got != message:
+                raise WorkerFailure(f"tensor-parallel worker rank {rank} sent {got!r}, expected {message!r}")
 
     def check(self) -> None:
         if self.failure is not None:
