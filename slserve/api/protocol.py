@@ -89,6 +89,7 @@ _CHAT_NOT_IMPLEMENTED = {
     "chat_template": (),
     "chat_template_kwargs": ({},),
     "include_reasoning": (True,),
+    "media_io_kwargs": (),
 }
 
 
