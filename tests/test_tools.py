@@ -277,34 +277,39 @@ def test_named_function_gives_schema_valid_arguments(servers, which):
     """Whatever the template: the plain one gets the tools in a system message."""
     server, model = (servers[0], BASE) if which == "plain" else (servers[1], HERMES)
     client = openai_client(server.url)
-    for name in ("get_weather", "add", "get_time") if which == "plain" else ("add",):
+    names = ("get_weather", "add", "get_time") if which == "plain" else ("add",)
+
+    def ask(name: str, stream: bool = False):
         args = dict(model=model, messages=ASK, tools=TOOLS, max_tokens=40, temperature=0,
                     tool_choice={"type": "function", "function": {"name": name}})
-        out = client.chat.completions.create(**args)
-        (call,) = _check_calls(out.choices[0], {name})
-        if name == "add":  # its arguments stream as they are generated
-            streamed, content, finish = _stream_calls(client, **args)
-            assert streamed == [{"name": name, "arguments": call.function.arguments}]
-            assert content == "" and finish == "tool_calls"
+        return _stream_calls(client, **args) if stream else client.chat.completions.create(**args)
+
+    with ThreadPoolExecutor(len(names) + 1) as pool:  # one batch
+        outs = pool.map(ask, names)
+        streamed = pool.submit(ask, "add", True)  # its arguments stream as they are generated
+        calls = {name: _check_calls(out.choices[0], {name})[0] for name, out in zip(names, outs, strict=True)}
+        assert streamed.result() == ([{"name": "add", "arguments": calls["add"].function.arguments}], "",
+                                     "tool_calls")
 
 
 @slow
 def test_required_gives_schema_valid_calls(servers):
     plain, hermes = servers
     # parallel (a JSON array of calls), sampled, with the tools described in a system message
-    out = openai_client(plain.url).chat.completions.create(
-        model=BASE, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=80, temperature=0.8, seed=3,
-        n=2)
-    for choice in out.choices:
-        _check_calls(choice, set(SCHEMAS))
-    # one call, after a finished exchange, with the tools in the template
-    client = openai_client(hermes.url)
-    args = dict(model=HERMES, messages=HISTORY, tools=[WEATHER, CLOCK], tool_choice="required",
-                parallel_tool_calls=False, max_tokens=40, temperature=0)
-    (call,) = _check_calls(client.chat.completions.create(**args).choices[0], {"get_weather", "get_time"})
-    streamed, content, finish = _stream_calls(client, **args)
-    assert streamed == [{"name": call.function.name, "arguments": call.function.arguments}]
-    assert finish == "tool_calls"
+    with ThreadPoolExecutor(1) as pool:
+        sampled = pool.submit(openai_client(plain.url).chat.completions.create, model=BASE, messages=ASK,
+                              tools=TOOLS, tool_choice="required", max_tokens=80, temperature=0.8,
+                              seed=3, n=2)
+        # one call, after a finished exchange, with the tools in the template
+        client = openai_client(hermes.url)
+        args = dict(model=HERMES, messages=HISTORY, tools=[WEATHER, CLOCK], tool_choice="required",
+                    parallel_tool_calls=False, max_tokens=40, temperature=0)
+        (call,) = _check_calls(client.chat.completions.create(**args).choices[0], {"get_weather", "get_time"})
+        streamed, content, finish = _stream_calls(client, **args)
+        assert streamed == [{"name": call.function.name, "arguments": call.function.arguments}]
+        assert finish == "tool_calls"
+        for choice in sampled.result().choices:
+            _check_calls(choice, set(SCHEMAS))
 
 
 # A regex that makes the model write Hermes calls, so that "auto" has calls to parse.
