@@ -177,6 +177,20 @@ def test_named_and_required_plans_constrain_the_output():
     jsonschema.validate({"name": "get_time", "arguments": {}}, single)
 
 
+@pytest.mark.parametrize("template_reads", [True, False])
+def test_tool_messages_for_the_template(template_reads):
+    """Calls in the history reach a template that reads them (arguments as objects) even when the
+    request has no tools; one that does not gets them written into the content."""
+    plan = t.plan_tools(None, None, None, template_reads=template_reads)
+    messages = t.template_messages([{**m, "content": m["content"] or ""} for m in HISTORY], plan)
+    call = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}
+    if template_reads:
+        assert messages[1]["tool_calls"] == [{"id": "call_1", "type": "function", "function": call}]
+    else:
+        assert "tool_calls" not in messages[1] and json.loads(messages[1]["content"]) == call
+    assert messages[2] == HISTORY[2] and len(messages) == 3
+
+
 def test_template_detection():
     assert not t.template_reads_tools(load_tokenizer(resolve_model(None)))
     assert t.template_reads_tools(type("Tok", (), {"chat_template": HERMES_TEMPLATE})())

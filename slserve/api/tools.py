@@ -131,14 +131,14 @@ class ToolPlan:
     mode: Literal["none", "auto", "required", "named"] = "none"
     name: str | None = None  # the named function
     parallel: bool = True
-    in_template: bool = False  # the template renders the tools itself
+    in_template: bool = False  # the template renders tools and tool calls itself
 
     @property
     def names(self) -> set[str]:
         return {t.function.name for t in self.tools}
 
     def template_tools(self) -> list[dict[str, Any]] | None:
-        if not self.in_template:
+        if not (self.in_template and self.tools):
             return None
         return [t.model_dump(exclude_none=True) for t in self.tools]
 
@@ -199,7 +199,7 @@ def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, 
                            "parallel_tool_calls")
         if choice not in ("none", "auto"):  # with no tools both mean "no tool calls"
             raise APIError(400, "tool_choice needs tools", "tool_choice")
-        return ToolPlan()
+        return ToolPlan(in_template=template_reads)
     plan = ToolPlan(tools=parsed, parallel=parallel_tool_calls is not False, in_template=template_reads)
     if isinstance(choice, NamedToolChoice):
         if choice.function.name not in names:
