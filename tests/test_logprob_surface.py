@@ -138,6 +138,35 @@ def test_echo_streamed_and_with_token_prompts_and_n(server, hf):
 
 
 @slow
+def test_max_tokens_zero_with_echo_scores_the_prompt(server, hf):
+    """vLLM's way to score a prompt: echo + logprobs with no generated token."""
+    proc, _ = server
+    model, tokenizer = hf
+    client = openai_client(proc.url)
+    ids = tokenizer.encode(PROMPT)
+    ref = reference(model, ids)
+    out = client.completions.create(model=BASE, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1, n=2)
+    for choice in out.choices:
+        assert choice.text == PROMPT and choice.finish_reason == "length"
+        lp = choice.logprobs
+        assert lp.tokens == [tokenizer.decode([t]) for t in ids] and lp.token_logprobs[0] is None
+        torch.testing.assert_close(torch.tensor(lp.token_logprobs[1:]), chosen(ref, ids), atol=ATOL, rtol=0)
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), 0)
+    chunks = list(client.completions.create(model=BASE, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.text for ch in chunks for c in ch.choices)
+    tokens = [t for ch in chunks for c in ch.choices if c.logprobs for t in c.logprobs.tokens]
+    assert text == PROMPT and len(tokens) == len(ids)
+    assert [c.finish_reason for ch in chunks for c in ch.choices if c.finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens == 0
+    # Without echo there is nothing to return; min_tokens cannot exceed 0.
+    url = f"{proc.url}/v1/completions"
+    for fields, param in (({}, "max_tokens"), ({"echo": True, "min_tokens": 1}, "min_tokens")):
+        body = {"model": BASE, "prompt": PROMPT, "max_tokens": 0, **fields}
+        assert_error(httpx.post(url, json=body, timeout=60), 400, param=param)
+
+
+@slow
 def test_vllm_prompt_logprobs_on_completions_and_chat(server, hf):
     proc, _ = server
     model, tokenizer = hf

@@ -23,6 +23,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_serializer, model_validator
 
+from slserve.api import tools as t
 from slserve.api.errors import APIError
 from slserve.sampling_params import (
     INT64_MAX,
@@ -80,8 +81,6 @@ _CHAT_NOT_IMPLEMENTED = {
     "reasoning_effort": (),
     "service_tier": ("auto", "default"),
     "store": (False,),
-    "tools": ([],),
-    "tool_choice": ("none", "auto"),  # with no tools both mean no tool calls
     "verbosity": (),
     "web_search_options": (),
     # vLLM's chat extras
@@ -90,6 +89,7 @@ _CHAT_NOT_IMPLEMENTED = {
     "chat_template": (),
     "chat_template_kwargs": ({},),
     "include_reasoning": (True,),
+    "media_io_kwargs": (),
 }
 
 
@@ -371,6 +371,13 @@ class CompletionRequest(_SamplingRequest):
 
     def check(self) -> None:
         self.check_common()
+        if self.max_tokens == 0:  # vLLM's way to score a prompt
+            if not self.echo:
+                raise APIError(400, "max_tokens must be at least 1 (0 only with echo, to score the prompt)",
+                               "max_tokens")
+            if self.min_tokens:
+                raise APIError(400, f"min_tokens must be in [0, max_tokens=0], got {self.min_tokens}",
+                               "min_tokens")
         if self.best_of is not None:
             if not self.n <= self.best_of <= MAX_N:
                 raise APIError(400, f"best_of must be between n ({self.n}) and {MAX_N}, got {self.best_of}",
@@ -407,6 +414,7 @@ class _ChatTemplateOptions(_Body):
     """How messages become a prompt (vLLM's chat extras), shared by chat completions and /tokenize."""
 
     messages: list[ChatMessage]
+    tools: list[dict[str, Any]] | None = None  # OpenAI's function tools (checked in api/tools.py)
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # the last (assistant) message stays open for the model to go on
     add_special_tokens: bool = False  # on top of those the template writes
@@ -418,8 +426,12 @@ class _ChatTemplateOptions(_Body):
             raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true",
                            "continue_final_message")
 
-    def template_messages(self) -> list[dict[str, Any]]:
-        return [m.for_template() for m in self.messages]
+    def tool_plan(self, template_reads_tools: bool) -> t.ToolPlan:
+        return t.plan_tools(self.tools, getattr(self, "tool_choice", None),
+                            getattr(self, "parallel_tool_calls", None), template_reads_tools)
+
+    def template_messages(self, plan: t.ToolPlan) -> list[dict[str, Any]]:
+        return t.template_messages([m.for_template() for m in self.messages], plan)
 
 
 class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
@@ -428,13 +440,13 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    # Accepted with no effect here: ids and hints for OpenAI's own records and caches, and a tool
-    # option that only applies with tools (which are refused).
+    tool_choice: str | dict[str, Any] | None = None  # see api/tools.py
+    parallel_tool_calls: bool | None = None  # false: at most one tool call per choice
+    # Accepted with no effect here: ids and hints for OpenAI's own records and caches.
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
     metadata: dict[str, str] | None = None
-    parallel_tool_calls: bool | None = None
 
     def check(self) -> None:
         self.check_common()
@@ -454,6 +466,18 @@ class ChatCompletionRequest(_SamplingRequest, _ChatTemplateOptions):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def chat_constraint(self, plan: t.ToolPlan) -> tuple[StructuredOutputsParams | None, str | None]:
+        """`output_constraint`, or the schema of a forced tool call (param "tools": the schema is
+        the tools' parameters); never both."""
+        so, param = self.output_constraint()
+        forced = plan.constraint()
+        if forced is None:
+            return so, param
+        if so is not None:
+            raise APIError(400, f"a tool_choice that forces a call cannot be combined with {param}",
+                           "tool_choice")
+        return forced, "tools"
+
 
 class TokenizeCompletionRequest(_Body):
     model: str | None = None
@@ -464,7 +488,7 @@ class TokenizeCompletionRequest(_Body):
 
 class TokenizeChatRequest(_ChatTemplateOptions):
     NOT_IMPLEMENTED = {k: _CHAT_NOT_IMPLEMENTED[k] for k in
-                       ("tools", "documents", "chat_template", "chat_template_kwargs", "mm_processor_kwargs")}
+                       ("documents", "chat_template", "chat_template_kwargs", "mm_processor_kwargs")}
     model: str | None = None
     return_token_strs: bool = False
 
@@ -563,6 +587,7 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[t.ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -585,11 +610,16 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[t.DeltaToolCall] | None = None
 
     @model_serializer
     def _set_fields(self) -> dict[str, Any]:
         # OpenAI leaves absent keys out of a delta: {"content": "x"}, and {} in the last chunk.
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        out: dict[str, Any] = {k: v for k, v in (("role", self.role), ("content", self.content))
+                               if v is not None}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump(exclude_none=True) for c in self.tool_calls]
+        return out
 
 
 class ChatStreamChoice(BaseModel):

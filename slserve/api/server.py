@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -43,6 +43,7 @@ from slserve.adapters.nested import split_nested
 from slserve.api import protocol as p
 from slserve.api.errors import APIError, error_body, install_error_handlers, to_api_error
 from slserve.api.metrics import RequestCounter, ServerMetrics, TokenTimer
+from slserve.api.tools import ToolPlan, finish_reason, parse_output, template_reads_tools
 from slserve.async_engine import AsyncEngine, GenerateItem, RequestStream
 from slserve.config import EngineConfig
 from slserve.outputs import StepOutput, TokenLogprob
@@ -167,15 +168,26 @@ async def _bounded(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[by
 
 
 
-async def _collect(stream: RequestStream, timers: list[TokenTimer]):
+def _prompt_only(out: StepOutput) -> StepOutput:
+    """The output of a completion that only scores its prompt (`max_tokens` 0 with `echo`; the
+    engine generates one token, which nobody sees): no new text, tokens or logprobs, and a normal
+    finish is "length", the zero tokens asked for."""
+    finish = "length" if out.finish_reason in ("stop", "length") else out.finish_reason
+    return replace(out, new_token_ids=[], new_text="", new_logprobs=[], num_generated_tokens=0,
+                   finish_reason=finish)
+
+
+async def _collect(stream: RequestStream, timers: list[TokenTimer], prompt_only: bool = False):
     """Drain a non-streaming request: per choice its text pieces, logprobs, prompt logprobs (None
-    unless asked for) and final output."""
+    unless asked for) and final output (see `_prompt_only`)."""
     texts: list[list[str]] = [[] for _ in timers]
     lps: list[list[TokenLogprob]] = [[] for _ in timers]
     prompt_lps: list[list[TokenLogprob | None] | None] = [None] * len(timers)
     finals: list[StepOutput | None] = [None] * len(timers)
     async with stream:
         async for k, out in stream:
+            if prompt_only:
+                out = _prompt_only(out)
             timers[k].tokens(len(out.new_token_ids))
             texts[k].append(out.new_text)
             lps[k].extend(out.new_logprobs)
@@ -474,11 +486,15 @@ def create_app(
         tokenizer = engine.engine.tokenizer
         return [_encode(tokenizer, x, add_special_tokens) if isinstance(x, str) else x for x in prompts]
 
-    def chat_ids(body: p.ChatCompletionRequest | p.TokenizeChatRequest) -> list[int]:
+    def tool_plan(body: p.ChatCompletionRequest | p.TokenizeChatRequest) -> ToolPlan:
+        return body.tool_plan(template_reads_tools(engine.engine.tokenizer))
+
+    def chat_ids(body: p.ChatCompletionRequest | p.TokenizeChatRequest, plan: ToolPlan) -> list[int]:
         tokenizer = engine.engine.tokenizer
         try:
             text = tokenizer.apply_chat_template(
-                body.template_messages(), tokenize=False, add_generation_prompt=body.add_generation_prompt,
+                body.template_messages(plan), tools=plan.template_tools(), tokenize=False,
+                add_generation_prompt=body.add_generation_prompt,
                 continue_final_message=body.continue_final_message)
         except APIError:
             raise
@@ -489,11 +505,11 @@ def create_app(
     def vocab_size() -> int:
         return engine.engine.model_config.vocab_size
 
-    async def structured_outputs(body: p.CompletionRequest | p.ChatCompletionRequest
+    async def structured_outputs(so: StructuredOutputsParams | None, param: str | None
                                  ) -> StructuredOutputsParams | None:
-        """The request's output constraint, compiled here (off the loop, into the engine's cache)
-        so that a spec that cannot compile is a 400 naming it before anything is queued."""
-        so, param = body.output_constraint()
+        """A request's output constraint (`output_constraint()`), compiled here (off the loop,
+        into the engine's cache) so that a spec that cannot compile is a 400 naming `param` before
+        anything is queued."""
         if so is not None:
             try:
                 # the first call also builds the compiler (seconds): off the loop as well
@@ -562,12 +578,14 @@ def create_app(
         body.check()
         adapter = adapter_of(body.model)
         prompts = await off_loop(tokenize_all, body.prompts(), body.add_special_tokens)
-        structured = await structured_outputs(body)
+        structured = await structured_outputs(*body.output_constraint())
         max_model_len = engine.engine.max_model_len
         rid = body.response_id("cmpl")
         items = []
         for i, ids in enumerate(prompts):
             max_tokens = body.max_tokens if body.max_tokens is not None else max(1, max_model_len - len(ids))
+            if max_tokens == 0:  # (with echo) scores the prompt: the engine generates one token, unseen
+                max_tokens = 1
             choices = body.sampling_params(max_tokens, body.engine_logprobs, vocab_size(), structured)
             for j, params in enumerate(choices):
                 items.append(GenerateItem(f"{rid}-{i}-{j}", ids, params, adapter))
@@ -593,7 +611,7 @@ def create_app(
                                    body: p.CompletionRequest, timers: list[TokenTimer],
                                    make_choice: _CompletionChoices) -> p.CompletionResponse:
         per_prompt = body.num_candidates
-        texts, lps, prompt_lps, finals = await _collect(stream, timers)
+        texts, lps, prompt_lps, finals = await _collect(stream, timers, body.max_tokens == 0)
         order: list[int] = list(range(len(timers)))
         if per_prompt > body.n:  # best_of: each prompt's n candidates of highest mean token logprob
             def mean_logprob(k: int) -> float:
@@ -622,6 +640,8 @@ def create_app(
         try:
             async with stream:
                 async for k, out in stream:
+                    if body.max_tokens == 0:
+                        out = _prompt_only(out)
                     timers[k].tokens(len(out.new_token_ids))
                     if out.finished:
                         timers[k].finish()
@@ -657,7 +677,8 @@ def create_app(
         body.check()
         adapter = adapter_of(body.model)
         tokenizer = engine.engine.tokenizer
-        ids = await off_loop(chat_ids, body)
+        plan = tool_plan(body)
+        ids = await off_loop(chat_ids, body, plan)
         max_model_len = engine.engine.max_model_len
         max_tokens = body.requested_max_tokens()
         if max_tokens is None:
@@ -666,7 +687,7 @@ def create_app(
                                f"the messages take {len(ids)}.", "messages")
             max_tokens = max_model_len - len(ids)
         rid = body.response_id("chatcmpl")
-        structured = await structured_outputs(body)
+        structured = await structured_outputs(*body.chat_constraint(plan))
         params = body.sampling_params(max_tokens, body.engine_logprobs, vocab_size(), structured)
         items = [GenerateItem(f"{rid}-{j}", ids, sp, adapter) for j, sp in enumerate(params)]
         check_length(len(ids), max_tokens)
@@ -675,18 +696,19 @@ def create_app(
         timers = [TokenTimer(metrics, t0) for _ in items]
         token_text = _TokenText(tokenizer) if body.logprobs else None
         if body.stream:
-            return _SSEResponse(_chat_events(stream, rid, model, body, timers, token_text), stream)
-        return await _until_disconnect(request, _chat_response(stream, rid, model, timers, token_text))
+            return _SSEResponse(_chat_events(stream, rid, model, body, timers, token_text, plan), stream)
+        return await _until_disconnect(request, _chat_response(stream, rid, model, timers, token_text, plan))
 
     async def _chat_response(stream: RequestStream, rid: str, model: str, timers: list[TokenTimer],
-                             token_text: _TokenText | None) -> p.ChatCompletionResponse:
+                             token_text: _TokenText | None, plan: ToolPlan) -> p.ChatCompletionResponse:
         texts, lps, prompt_lps, finals = await _collect(stream, timers)
-        choices = [
-            p.ChatChoice(index=k, message=p.ChatResponseMessage(content="".join(texts[k])),
-                         finish_reason=finals[k].finish_reason,
-                         logprobs=_chat_logprobs(token_text, lps[k]) if token_text else None)
-            for k in range(len(timers))
-        ]
+        choices = []
+        for k in range(len(timers)):
+            content, calls = parse_output(plan, "".join(texts[k]))
+            choices.append(p.ChatChoice(
+                index=k, message=p.ChatResponseMessage(content=content, tool_calls=calls),
+                finish_reason=finish_reason(finals[k].finish_reason, calls is not None),
+                logprobs=_chat_logprobs(token_text, lps[k]) if token_text else None))
         prompt_tokens = finals[0].num_prompt_tokens
         completion_tokens = sum(f.num_generated_tokens for f in finals)
         usage = p.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
@@ -696,7 +718,8 @@ def create_app(
                                         prompt_logprobs=prompt_logprobs)
 
     async def _chat_events(stream: RequestStream, rid: str, model: str, body: p.ChatCompletionRequest,
-                           timers: list[TokenTimer], token_text: _TokenText | None) -> AsyncIterator[str]:
+                           timers: list[TokenTimer], token_text: _TokenText | None,
+                           plan: ToolPlan) -> AsyncIterator[str]:
         created = p.now()
         usage = body.include_usage
         exclude = None if usage else {"usage"}
@@ -708,15 +731,22 @@ def create_app(
             return _sse(c.model_dump_json(exclude=exclude))
 
         prompt_tokens, completion_tokens = 0, 0
+        parsers = [plan.parser() for _ in timers]  # text -> content and tool call deltas
         try:
             for k in range(len(timers)):
                 yield chunk(k, p.DeltaMessage(role="assistant", content=""))
             async with stream:
                 async for k, out in stream:
                     timers[k].tokens(len(out.new_token_ids))
-                    if out.new_text or (token_text and out.new_logprobs):
+                    content, calls = parsers[k].feed(out.new_text)
+                    if out.finished and out.finish_reason in ("stop", "length"):
+                        rest, more = parsers[k].finish()
+                        content, calls = content + rest, calls + more
+                    if content or calls or (token_text and out.new_logprobs):
                         lps = _chat_logprobs(token_text, out.new_logprobs) if token_text else None
-                        yield chunk(k, p.DeltaMessage(content=out.new_text), logprobs=lps)
+                        delta = p.DeltaMessage(content=content if content or not calls else None,
+                                               tool_calls=calls or None)
+                        yield chunk(k, delta, logprobs=lps)
                     if out.finished:
                         timers[k].finish()
                         prompt_tokens = out.num_prompt_tokens
@@ -724,7 +754,8 @@ def create_app(
                         if (err := _finish_error(out)) is not None:
                             yield _sse(json.dumps(error_body(err.status, err.message, code=err.code)))
                             continue
-                        yield chunk(k, p.DeltaMessage(), finish=out.finish_reason)
+                        finish = finish_reason(out.finish_reason, parsers[k].called)
+                        yield chunk(k, p.DeltaMessage(), finish=finish)
             if usage:
                 final = p.ChatCompletionChunk(
                     id=rid, created=created, model=model, choices=[],
@@ -743,7 +774,7 @@ def create_app(
         check_model(body.model)
         if isinstance(body, p.TokenizeChatRequest):
             body.check_template_options()
-            ids = await off_loop(chat_ids, body)
+            ids = await off_loop(chat_ids, body, tool_plan(body))
         else:
             ids = (await off_loop(tokenize_all, [body.prompt], body.add_special_tokens))[0]
         strs = None
