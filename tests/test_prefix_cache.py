@@ -159,13 +159,20 @@ def test_siblings_share_the_prompt_pages(adapters, workload, tmp_path):
     llm = _llm(tmp_path, adapters)
     ids, _ = workload[0]
     n = 4
-    outs = _generate(llm, [(ids, "a3")] * n)
+    full = len(ids) // PAGE  # 32: the last prompt token is always computed, in a page of its own
+    reqs = [llm.engine.add_request(ids, GREEDY, "a3") for _ in range(n)]
+    llm.engine.step()  # one prefill step for all four
+    pool = llm.stats()["pool"]
+    assert all(r.num_output_tokens == 1 for r in reqs)
+    assert pool["pages_prefix"] == full and pool["pages_kv"] == n  # shared prompt, a last page each
+    assert all(r.block_table[:full] == reqs[0].block_table[:full] for r in reqs)
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    outs = [r.output_token_ids for r in reqs]
     assert all(o == outs[0] for o in outs)
     cache = llm.stats()["prefix_cache"]
-    full = len(ids) // PAGE  # 32: the last prompt token is always computed, in a page of its own
     assert cache["pages_added"] == full
     assert cache["hit_tokens"] == (n - 1) * full * PAGE
-    assert llm.stats()["steps"] == MAX_TOKENS  # one prefill step for all four, then decode steps
     _assert_no_leak(llm)
 
 
