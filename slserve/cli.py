@@ -31,6 +31,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--affinity-bound", type=int, default=d.affinity_bound, metavar="N",
                    help="admit requests whose adapter is already in the batch first; no request is "
                         "overtaken more than N times (0: first come first served)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="do not keep full KV pages for reuse by requests with the same prefix and adapter")
     p.add_argument("--adapter-dir", default=None, help="default: ~/.cache/slserve/adapters")
     p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
     p.add_argument("--host-cache-mib", type=int, default=d.host_cache_bytes // MIB)
@@ -50,8 +52,8 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
         model=a.model, dtype=a.dtype, quantization=a.quantization, device=a.device, seed=a.seed,
         pool_bytes=a.pool_mib * MIB, page_tokens=a.page_tokens, max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
-        max_queue=a.max_queue, affinity_bound=a.affinity_bound, adapter_dir=a.adapter_dir,
-        max_lora_rank=a.max_lora_rank,
+        max_queue=a.max_queue, affinity_bound=a.affinity_bound, prefix_caching=a.prefix_caching,
+        adapter_dir=a.adapter_dir, max_lora_rank=a.max_lora_rank,
         host_cache_bytes=a.host_cache_mib * MIB, preload_adapters=a.preload_adapters,
         max_upload_bytes=a.max_upload_mib * MIB, tp=a.tp, tp_timeout=a.tp_timeout,
         kernel_backend=a.kernel_backend, threads=a.threads,

@@ -117,6 +117,9 @@ class EngineConfig:
     # Admission may let a request whose adapter is already in the batch (or resident) go ahead of
     # earlier ones, at most this many times per request (scheduler.py); 0: first come first served.
     affinity_bound: int = 32
+    # Keep full KV pages for reuse by later requests with the same prefix and adapter
+    # (memory/prefix_cache.py).
+    prefix_caching: bool = True
     # Adapters.
     adapter_dir: str | None = None
     max_lora_rank: int = 64

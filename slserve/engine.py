@@ -29,6 +29,7 @@ from slserve.memory.adapter_pages import DeviceAdapterCache
 from slserve.memory.adapter_store import AdapterNotFoundError, AdapterStore
 from slserve.memory.kv_cache import KVBlocks, kv_page_elems
 from slserve.memory.pool import Owner, PagePool
+from slserve.memory.prefix_cache import PrefixCache
 from slserve.model.loader import load_model_config, load_tokenizer, model_id, resolve_model
 from slserve.output_processor import OutputProcessor
 from slserve.outputs import StepOutput
@@ -108,10 +109,12 @@ class Engine:
             n = self.store.preload()
             logger.info("preloaded %d of %d adapters into host RAM in %.1fs", n, len(self.store),
                         time.perf_counter() - t0)
+        self.prefix_cache = PrefixCache(self.pool, config.page_tokens) if config.prefix_caching else None
         self.adapter_cache = DeviceAdapterCache(self.pool, local, self.store.get,
-                                                shapes=shard.lora_shapes(cfg), on_host=self.store.is_cached)
+                                                shapes=shard.lora_shapes(cfg), on_host=self.store.is_cached,
+                                                spare=self.prefix_cache)
         self.scheduler = Scheduler(self.blocks, self.adapter_cache, config.max_num_seqs,
-                                   config.max_num_batched_tokens, config.affinity_bound)
+                                   config.max_num_batched_tokens, config.affinity_bound, self.prefix_cache)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         eos_ids = set(cfg.eos_token_ids)
@@ -272,6 +275,7 @@ class Engine:
         (PoolCorrupted otherwise)."""
         what = f"{type(exc).__name__}: {exc}"
         logger.error("engine step failed for %d requests: %s", len(reqs), what, exc_info=exc)
+        self.scheduler.step_failed()
         self.counters["failed_steps"] += 1
         self.last_step_error = what
         outputs = []
@@ -287,8 +291,10 @@ class Engine:
         return outputs
 
     def check_pool(self) -> None:
-        """Raise PoolCorrupted unless the pages held by requests and adapters match the allocator."""
-        owned = {Owner.KV: self.scheduler.kv_pages(), Owner.ADAPTER: self.adapter_cache.owned_pages()}
+        """Raise PoolCorrupted unless the pages held by requests, adapters and the prefix cache match
+        the allocator."""
+        owned = {Owner.KV: self.scheduler.kv_pages(), Owner.ADAPTER: self.adapter_cache.owned_pages(),
+                 Owner.PREFIX: self.prefix_cache.owned_pages() if self.prefix_cache is not None else []}
         self.pool.check(owned)
 
     def _append(self, req: Request, token: int, lp, now: float) -> StepOutput:
@@ -337,10 +343,15 @@ class Engine:
             return info, "device"
         return info, "host" if self.store.is_cached(name) else "disk"
 
+    def reset_prefix_cache(self) -> int:
+        """Evict every cached prefix page no request uses; the number of pages freed."""
+        return self.prefix_cache.clear() if self.prefix_cache is not None else 0
+
     # -- stats -------------------------------------------------------------------------------
     def stats(self) -> dict:
         return {
             "pool": self.pool.stats(),
+            "prefix_cache": self.prefix_cache.snapshot() if self.prefix_cache is not None else None,
             "adapters": {"store": self.store.stats(), "device": self.adapter_cache.snapshot()},
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),

@@ -14,6 +14,7 @@ from slserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from slserve.memory.adapter_pages import AdapterVersion, DeviceAdapter
+    from slserve.memory.prefix_cache import CachedPage
 
 
 class Status(Enum):
@@ -35,6 +36,9 @@ class Request:
     token_ids: list[int] = field(init=False)
     num_computed: int = 0  # tokens whose K/V sit in the cache
     block_table: list[int] = field(default_factory=list)
+    # The prefix cache's entries for block_table[:len(cached_pages)], referenced (read-only, shared);
+    # the pages after them are the request's own.
+    cached_pages: list[CachedPage] = field(default_factory=list)
     device_adapter: DeviceAdapter | None = None  # pinned while running
     # The adapter weights of its first admission, kept for readmission after a preemption even if
     # the adapter is deleted or replaced meanwhile.

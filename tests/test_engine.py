@@ -53,9 +53,11 @@ def llm(tmp_path_factory):
 
 
 def _idle(llm: LLM) -> None:
-    pool = llm.stats()["pool"]
+    stats = llm.stats()
+    pool = stats["pool"]
     assert pool["pages_kv"] == 0
-    assert pool["pages_free"] + pool["pages_adapter"] == pool["pages_total"]
+    assert pool["pages_free"] + pool["pages_adapter"] + pool["pages_prefix"] == pool["pages_total"]
+    assert stats["prefix_cache"]["idle_pages"] == pool["pages_prefix"]  # kept for reuse, used by none
 
 
 def test_greedy_matches_transformers(llm, reference):

@@ -8,6 +8,11 @@ one, never make the scheduler raise, keep every pinned adapter pinned by running
 keep a running request on the adapter weights it was first admitted with, fail a request only if
 it cannot fit even alone, let no request be overtaken more than the affinity bound, and end with
 the whole pool free (every request served: no starvation).
+
+PrefixPoolMachine plays the same game with the prefix cache on (prompts share prefixes, and some
+steps fail): its pages are a third owner, referenced exactly by the requests that hold them,
+keyed by the tokens they hold under the adapter version of the request, never freed while
+referenced, and gone once evicted.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from slserve.memory.adapter_pages import DeviceAdapterCache
 from slserve.memory.adapter_store import AdapterNotFoundError
 from slserve.memory.kv_cache import KVBlocks, kv_page_elems
 from slserve.memory.pool import Owner, PagePool
+from slserve.memory.prefix_cache import PrefixCache
 from slserve.request import Request, Status
 from slserve.sampling_params import SamplingParams
 from slserve.scheduler.scheduler import Scheduler
@@ -44,6 +50,8 @@ NAMES = ["a", "b", "c"]
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # (rank, modules): 4, 8 and 16 pages on all modules; 2 pages on q and v.
 SHAPES = [(1, ALL), (2, ALL), (4, ALL), (2, ("q_proj", "v_proj"))]
+# Prompts of the prefix-caching machine start with one of these (a few shared "system prompts").
+SYSTEM_PROMPTS = [np.random.default_rng(i).integers(1, 32, CAPACITY).tolist() for i in range(3)]
 
 
 def make_adapter(name: str, rank: int, modules: tuple[str, ...], seed: int) -> LoRAAdapter:
@@ -71,14 +79,18 @@ class InlineExecutor(Executor):
 
 
 class PoolMachine(RuleBasedStateMachine):
+    PREFIX_CACHING = False
+
     def __init__(self) -> None:
         super().__init__()
         self.pool = PagePool(NUM_PAGES, kv_page_elems(MODEL, PAGE_TOKENS), itemsize=4)
         self.kv = KVBlocks(self.pool, PAGE_TOKENS)
         self.store: dict[str, LoRAAdapter] = {}
-        self.cache = DeviceAdapterCache(self.pool, MODEL, self._get_host, executor=InlineExecutor())
+        self.prefix = PrefixCache(self.pool, PAGE_TOKENS) if self.PREFIX_CACHING else None
+        self.cache = DeviceAdapterCache(self.pool, MODEL, self._get_host, executor=InlineExecutor(),
+                                        spare=self.prefix)
         self.sched = Scheduler(self.kv, self.cache, max_num_seqs=4, max_num_batched_tokens=24,
-                               affinity_bound=AFFINITY_BOUND)
+                               affinity_bound=AFFINITY_BOUND, prefix_cache=self.prefix)
         self.live: list[Request] = []
         self.first_weights: dict[Request, LoRAAdapter] = {}
         self.seeds = itertools.count()
@@ -95,12 +107,15 @@ class PoolMachine(RuleBasedStateMachine):
     # -- rules ------------------------------------------------------------------------------------
     # Mostly short prompts that grow (pool pressure, preemptions), some up to the model's length.
     @rule(prompt=st.integers(1, 24) | st.integers(1, CAPACITY - 1), max_tokens=st.integers(1, 40),
-          adapter=st.sampled_from([None, *NAMES]))
-    def add_request(self, prompt: int, max_tokens: int, adapter: str | None) -> None:
+          adapter=st.sampled_from([None, *NAMES]), system=st.integers(0, len(SYSTEM_PROMPTS)))
+    def add_request(self, prompt: int, max_tokens: int, adapter: str | None, system: int) -> None:
         max_tokens = min(max_tokens, CAPACITY - prompt)
         if adapter is not None and adapter not in self.store:
             return  # the engine refuses it with a 404 before queueing
-        req = Request(f"r{next(self.ids)}", [1] * prompt, SamplingParams(max_tokens=max_tokens), adapter)
+        ids = [1] * prompt
+        if self.PREFIX_CACHING and system < len(SYSTEM_PROMPTS):
+            ids = SYSTEM_PROMPTS[system][:prompt]
+        req = Request(f"r{next(self.ids)}", ids, SamplingParams(max_tokens=max_tokens), adapter)
         self.sched.add(req)
         self.live.append(req)
 
@@ -148,7 +163,8 @@ class PoolMachine(RuleBasedStateMachine):
         for req, n in out.scheduled:
             assert n > 0 and req.num_computed + n <= req.num_tokens
             assert len(req.block_table) == self.kv.pages_for(req.num_computed + n)
-            req.num_computed += n
+        self.sched.advance(out.scheduled)
+        for req, _ in out.scheduled:
             if req.num_computed == req.num_tokens:
                 req.token_ids.append(1)
                 if req.num_output_tokens >= req.params.max_tokens:
@@ -171,17 +187,19 @@ class PoolMachine(RuleBasedStateMachine):
     @invariant()
     def pages_are_owned_exactly_once(self) -> None:
         devs = [*self.cache.resident.values(), *self.cache.stale]
-        kv = [p for r in self.live for p in r.block_table]
+        kv = [p for r in self.live for p in r.block_table[len(r.cached_pages):]]
         adapter = [p for d in devs for s, n in d.runs for p in range(s, s + n)]
+        prefix = self.prefix.owned_pages() if self.prefix is not None else []
         held = np.zeros(NUM_PAGES, dtype=int)
-        for p in kv + adapter:
+        for p in kv + adapter + prefix:
             assert 0 <= p < NUM_PAGES
             held[p] += 1
         assert held.max(initial=0) <= 1, "a page is handed out twice"
         assert (held == 1).tolist() == (~self.pool._free).tolist(), "a page is lost or wrongly free"
         assert self.pool.used(Owner.KV) == len(kv)
         assert self.pool.used(Owner.ADAPTER) == len(adapter) == sum(d.num_pages for d in devs)
-        assert self.pool.num_free + len(kv) + len(adapter) == NUM_PAGES
+        assert self.pool.used(Owner.PREFIX) == len(prefix)
+        assert self.pool.num_free + len(kv) + len(adapter) + len(prefix) == NUM_PAGES
 
     @invariant()
     def pins_belong_to_running_requests(self) -> None:
@@ -218,6 +236,9 @@ class PoolMachine(RuleBasedStateMachine):
             self.pins_belong_to_running_requests()
         assert not self.sched.has_work() and not self.live, "requests did not finish"
         assert not self.cache.stale
+        if self.prefix is not None:
+            self.prefix.clear()
+            assert not self.prefix.owned_pages(), "a cached page outlived its last reference"
         self.cache.evict_idle(NUM_PAGES)
         assert self.pool.num_free == NUM_PAGES and not self.cache.resident
 
@@ -227,3 +248,55 @@ PoolMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestPoolMachine = PoolMachine.TestCase
+
+
+class PrefixPoolMachine(PoolMachine):
+    PREFIX_CACHING = True
+
+    @rule(n=st.integers(2, 4), prompt=st.integers(1, 60), max_tokens=st.integers(1, 20),
+          adapter=st.sampled_from([None, *NAMES]), system=st.integers(0, len(SYSTEM_PROMPTS) - 1))
+    def add_siblings(self, n: int, prompt: int, max_tokens: int, adapter: str | None, system: int) -> None:
+        """n > 1: the same prompt n times (what the API queues for one request with n)."""
+        for _ in range(n):
+            self.add_request(prompt, max_tokens, adapter, system)
+
+    @rule()
+    def failed_step(self) -> None:
+        """What Engine._fail_step does with the pool: the planned step's requests end, its pages
+        leave the cache."""
+        out = self.sched.schedule()
+        for req in out.failed:
+            self.sched.finish(req)
+            self.live.remove(req)
+        self.sched.step_failed()
+        for req, _ in out.scheduled:
+            self.sched.finish(req)
+            self.live.remove(req)
+
+    @rule()
+    def clear_cache(self) -> None:
+        self.prefix.clear()
+
+    @invariant()
+    def cached_pages_match_their_holders(self) -> None:
+        refs: dict[int, int] = {}
+        for req in self.live:
+            chain = req.cached_pages
+            assert [e.page for e in chain] == req.block_table[: len(chain)]
+            if chain:
+                assert chain[0].key[0] == self.sched._cache_root(req), "a page of another adapter version"
+            for i, entry in enumerate(chain):
+                assert entry.key[0] == (chain[i - 1].uid if i else self.sched._cache_root(req))
+                assert entry.key[1] == tuple(req.token_ids[i * PAGE_TOKENS : (i + 1) * PAGE_TOKENS])
+                refs[entry.page] = refs.get(entry.page, 0) + 1
+        for page in self.prefix.owned_pages():
+            assert self.prefix.refs(page) == refs.get(page, 0)
+        if any(n > 1 for n in refs.values()):
+            event("a cached page shared by running requests")
+
+
+PrefixPoolMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=50, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestPrefixPoolMachine = PrefixPoolMachine.TestCase

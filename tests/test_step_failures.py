@@ -81,6 +81,7 @@ def _assert_idle(engine: Engine) -> None:
     pool = engine.pool.stats()
     assert pool["pages_kv"] == 0
     assert not engine.adapter_cache.stale
+    engine.reset_prefix_cache()
     engine.adapter_cache.evict_idle(engine.pool.num_pages)
     assert engine.pool.num_free == engine.pool.num_pages
 

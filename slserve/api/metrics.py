@@ -2,7 +2,8 @@
 
 Measured by the HTTP layer: request counts by route and status, TTFT, inter-token latency and
 end-to-end latency. Read from engine.stats() at scrape time (EngineCollector): token counters,
-running/waiting requests, pool pages by owner, adapters per tier, adapter loads and evictions.
+running/waiting requests, pool pages by owner, adapters per tier, adapter loads and evictions,
+the prefix cache's pages and hit rate.
 """
 
 from __future__ import annotations
@@ -61,7 +62,18 @@ class EngineCollector(Collector):
         yield gauge("num_requests_waiting", "Requests waiting for admission.", s["waiting"])
 
         yield labelled("pool_pages", "Unified pool pages by owner.", "owner",
-                       {"kv": pool["pages_kv"], "adapter": pool["pages_adapter"], "free": pool["pages_free"]})
+                       {"kv": pool["pages_kv"], "adapter": pool["pages_adapter"],
+                        "prefix": pool["pages_prefix"], "free": pool["pages_free"]})
+        prefix = s.get("prefix_cache")
+        if prefix is not None:
+            yield gauge("prefix_cache_pages", "KV pages held by the prefix cache (referenced or not).",
+                        prefix["pages"])
+            yield counter("prefix_cache_query_tokens", "Tokens of admitted requests looked up in the "
+                          "prefix cache.", prefix["query_tokens"])
+            yield counter("prefix_cache_hit_tokens", "Of those, tokens whose K/V came from the prefix "
+                          "cache.", prefix["hit_tokens"])
+            yield gauge("prefix_cache_hit_rate", "prefix_cache_hit_tokens / prefix_cache_query_tokens.",
+                        prefix["hit_rate"])
         yield gauge("pool_pages_total", "Pages in the unified pool.", pool["pages_total"])
         yield gauge("pool_page_bytes", "Bytes per pool page.", pool["page_bytes"])
 

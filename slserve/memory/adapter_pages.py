@@ -22,6 +22,7 @@ from slserve.adapters.peft_format import LoRAAdapter
 from slserve.config import ModelConfig
 from slserve.memory.adapter_layout import AdapterLayout, group_columns, lay_out, layer_elems
 from slserve.memory.pool import Owner, PagePool
+from slserve.memory.prefix_cache import PrefixCache
 from slserve.parallel import ROW_PARALLEL
 from slserve.plan import AdapterCommand, AdapterFree, AdapterLoad
 
@@ -76,7 +77,8 @@ class DeviceAdapterCache:
     worker thread); `on_host(name)` tells whether `get_host(name)` answers without reading and
     parsing files (default: always). Every placement and release appends a command to
     `commands`, which the engine hands to the model runners with the next step
-    (`take_commands`)."""
+    (`take_commands`). `spare`: the prefix cache, whose unreferenced pages go before any idle
+    adapter when a placement needs room."""
 
     def __init__(
         self,
@@ -86,12 +88,14 @@ class DeviceAdapterCache:
         executor: Executor | None = None,
         shapes: dict[str, tuple[int, int]] | None = None,
         on_host: Callable[[str], bool] | None = None,
+        spare: PrefixCache | None = None,
     ):
         self.pool = pool
         self.model = model
         self.shapes = shapes or model.module_shapes()
         self.get_host = get_host
         self.on_host = on_host or (lambda name: True)
+        self.spare = spare
         self.commands: list[AdapterCommand] = []
         self._slots = itertools.count(1)
         self.resident: OrderedDict[str, DeviceAdapter] = OrderedDict()
@@ -196,6 +200,16 @@ class DeviceAdapterCache:
                 self.stats.evictions += 1
         return freed
 
+    def _available(self) -> int:
+        """Free pages plus the cached prefix pages nobody references (evicted on demand)."""
+        return self.pool.num_free + (self.spare.idle_pages if self.spare is not None else 0)
+
+    def _evict_one(self) -> bool:
+        """Free one unreferenced cached prefix page, or else one idle adapter; False if neither."""
+        if self.spare is not None and self.spare.evict(1):
+            return True
+        return self.evict_idle(1) > 0
+
     def idle_pages(self) -> int:
         return sum(d.num_pages for d in self.resident.values() if d.pins == 0)
 
@@ -233,7 +247,7 @@ class DeviceAdapterCache:
             if fut.exception() is not None or generation != self.generation(name):
                 continue  # admission surfaces the error; a load begun before a replace is stale
             adapter = fut.result()
-            if self.pool.num_free - self.pages_needed(adapter) < keep_free_pages:
+            if self._available() - self.pages_needed(adapter) < keep_free_pages:
                 continue
             if self._load(adapter, 0, may_evict=False, background=True) is not None:
                 self._prefetched.add(name)
@@ -276,6 +290,8 @@ class DeviceAdapterCache:
     ) -> DeviceAdapter | None:
         sizes = self._sizes(adapter)
         need = self.pages_needed(adapter)
+        if self.pool.num_free < need + reserve_pages and self.spare is not None:
+            self.spare.evict(need + reserve_pages - self.pool.num_free)
         if self.pool.num_free < need + reserve_pages:
             if not may_evict:
                 return None
@@ -283,9 +299,8 @@ class DeviceAdapterCache:
             if self.pool.num_free < need + reserve_pages:
                 return None
         runs = self._place(sizes)
-        while runs is None and may_evict and self.idle_pages() > 0:
-            # Enough pages but too scattered: evicting more idle adapters merges free runs.
-            self.evict_idle(1)
+        while runs is None and may_evict and self._evict_one():
+            # Enough pages but too scattered: evicting more merges free runs.
             runs = self._place(sizes)
         if runs is None:
             return None

@@ -48,7 +48,8 @@ class KVCache:
 
 
 class KVBlocks:
-    """Block tables through the allocator: how many pages a sequence needs, growing, releasing."""
+    """Block tables through the allocator: how many pages a sequence needs, growing (the scheduler
+    releases them, minding the pages shared through the prefix cache)."""
 
     def __init__(self, pool: PagePool, page_tokens: int):
         self.pool = pool
@@ -62,7 +63,3 @@ class KVBlocks:
         need = self.pages_for(num_tokens) - len(block_table)
         if need > 0:
             block_table.extend(self.pool.alloc(need, Owner.KV))
-
-    def release(self, block_table: list[int]) -> None:
-        self.pool.free(block_table, Owner.KV)
-        block_table.clear()

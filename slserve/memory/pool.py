@@ -1,4 +1,4 @@
-"""The unified paged pool: one preallocated device region, one allocator, two kinds of owner.
+"""The unified paged pool: one preallocated device region, one allocator, three kinds of owner.
 
 Accounting and storage live apart. `PagePool` is the allocator: which page belongs to whom, on
 rank 0 only, with no tensors. `allocate_storage` makes the region itself, `[num_pages,
@@ -11,7 +11,9 @@ consecutive pages (see adapter_pages.py): a contiguous run lets the CPU path vie
 and B^T as ordinary matrices with no copy, and lets a kernel reach any row by offset.
 
 KV pages are taken from the top of the region and adapter runs from the bottom, so the two
-owners rarely interleave and long free runs survive for adapters.
+owners rarely interleave and long free runs survive for adapters. The third owner, the prefix
+cache (prefix_cache.py), holds full KV pages for reuse: a page passes to it from a request's KV
+(`transfer`), and goes back to the free list when the cache evicts it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ _MADV_HUGEPAGE = 14
 class Owner(StrEnum):
     KV = "kv"
     ADAPTER = "adapter"
+    PREFIX = "prefix"  # full KV pages kept for reuse by the prefix cache
 
 
 class OutOfPages(RuntimeError):
@@ -125,6 +128,13 @@ class PagePool:
         self._free[idx] = True
         self._used[owner] -= len(pages)
 
+    def transfer(self, pages: list[int], source: Owner, target: Owner) -> None:
+        """Pages in use change owner (a request's full KV page joins the prefix cache)."""
+        if self._free[np.asarray(pages, dtype=np.int64)].any():
+            raise RuntimeError("transfer of a free pool page")
+        self._used[source] -= len(pages)
+        self._used[target] += len(pages)
+
     def free_run(self, start: int, n: int, owner: Owner = Owner.ADAPTER) -> None:
         self.free(list(range(start, start + n)), owner)
 
@@ -156,5 +166,6 @@ class PagePool:
             "pages_free": self.num_free,
             "pages_kv": self._used[Owner.KV],
             "pages_adapter": self._used[Owner.ADAPTER],
+            "pages_prefix": self._used[Owner.PREFIX],
             "page_bytes": self.page_elems * self.itemsize,
         }

@@ -8,10 +8,17 @@ rest; among equals, first come first served. No request is overtaken by more tha
 `affinity_bound` later requests: one that was is admitted before anything behind it, so nothing
 starves (0: strictly first come first served). An adapter still on disk is read and parsed on a
 background thread; its request waits for that while a batch runs, rather than stall it. When a
-running request needs a page and none is free, idle adapters are evicted first;
-then the most recently admitted request is preempted (its pages freed, recomputed later from
-its prompt and the tokens it already generated). Admission charges the prompt chunk's KV pages
-and, when its adapter is not resident, the adapter's pages against the same pool.
+running request needs a page and none is free, cached prefix pages nobody uses are evicted
+first, then idle adapters; then the most recently admitted request is preempted (its pages
+freed, recomputed later from its prompt and the tokens it already generated). Admission charges
+the prompt chunk's KV pages and, when its adapter is not resident, the adapter's pages against
+the same pool.
+
+With a prefix cache (memory/prefix_cache.py), an admitted request first takes the cached pages
+of its longest cached prefix under its adapter and computes only the rest, always at least its
+last token (whose logits it samples from); a request asking for prompt logprobs needs every
+prompt position's logits and skips the lookup. Every page a step fills joins the cache when
+the step is planned.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from slserve.adapters.peft_format import AdapterError
 from slserve.memory.adapter_pages import DeviceAdapterCache
 from slserve.memory.adapter_store import AdapterNotFoundError
 from slserve.memory.kv_cache import KVBlocks
+from slserve.memory.pool import Owner
+from slserve.memory.prefix_cache import PrefixCache, Root
 from slserve.request import Request, Status
 
 logger = logging.getLogger(__name__)
@@ -48,12 +57,14 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         affinity_bound: int = 0,
+        prefix_cache: PrefixCache | None = None,
     ):
         self.kv = kv
         self.adapters = adapters
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.affinity_bound = affinity_bound
+        self.prefix_cache = prefix_cache
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -71,6 +82,7 @@ class Scheduler:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed, budget)
             if self._grow(req, req.num_computed + n, out):
+                self._cache_full_pages(req, req.num_computed + n)
                 out.scheduled.append((req, n))
                 budget -= n
                 i += 1
@@ -85,7 +97,7 @@ class Scheduler:
         need = self.kv.pages_for(num_tokens) - len(req.block_table)
         while need > self.kv.pool.num_free:
             short = need - self.kv.pool.num_free
-            if self.adapters is not None and self.adapters.evict_idle(short) > 0:
+            if self._reclaim(short) > 0:
                 continue
             victim = self.running[-1]
             if victim is req and len(self.running) == 1:
@@ -98,15 +110,24 @@ class Scheduler:
         self.kv.grow(req.block_table, num_tokens)
         return True
 
+    def _reclaim(self, pages: int) -> int:
+        """Free up to `pages` pages nobody uses: cached prefix pages first, then idle adapters."""
+        freed = self.prefix_cache.evict(pages) if self.prefix_cache is not None else 0
+        if freed < pages and self.adapters is not None:
+            freed += self.adapters.evict_idle(pages - freed)
+        return freed
+
     def _admit(self, budget: int, out: SchedulerOutput) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             pos = self._next_to_admit()
             req = self.waiting[pos]
+            if (req.adapter is not None and req.device_adapter is None and self.running
+                    and req.adapter_version is None and not self.adapters.ready(req.adapter)):
+                break  # its files are being read and parsed in the background: the batch goes on
+            self._reuse_cached_prefix(req)
             n = min(req.num_tokens - req.num_computed, budget)
-            pages = self.kv.pages_for(n)
+            pages = self.kv.pages_for(req.num_computed + n) - len(req.block_table)
             if req.adapter is not None and req.device_adapter is None:
-                if self.running and req.adapter_version is None and not self.adapters.ready(req.adapter):
-                    break  # its files are being read and parsed in the background: the batch goes on
                 try:
                     dev = self.adapters.acquire(req.adapter, reserve_pages=pages, version=req.adapter_version)
                 except AdapterError as exc:
@@ -119,12 +140,13 @@ class Scheduler:
                         del self.waiting[pos]
                         self._fail(req, self._too_large(req, pages), 400, out)
                         continue
+                    self._release(req)
                     break
                 req.device_adapter = dev
                 if req.adapter_version is None:
                     req.adapter_version = dev.version
-            if pages > self.kv.pool.num_free and self.adapters is not None:
-                self.adapters.evict_idle(pages - self.kv.pool.num_free)
+            if pages > self.kv.pool.num_free:
+                self._reclaim(pages - self.kv.pool.num_free)
             if pages > self.kv.pool.num_free:
                 if not self.running:
                     del self.waiting[pos]
@@ -135,11 +157,52 @@ class Scheduler:
             del self.waiting[pos]
             for passed in itertools.islice(self.waiting, pos):
                 passed.overtaken += 1
-            self.kv.grow(req.block_table, n)
+            self.kv.grow(req.block_table, req.num_computed + n)
+            if self.prefix_cache is not None:
+                self.prefix_cache.stats.query_tokens += req.num_tokens
+                self.prefix_cache.stats.hit_tokens += req.num_computed
+            self._cache_full_pages(req, req.num_computed + n)
             req.status = Status.RUNNING
             self.running.append(req)
             out.scheduled.append((req, n))
             budget -= n
+
+    # -- the prefix cache: a request's block table starts with its referenced cached pages -------
+    def _cache_root(self, req: Request) -> Root:
+        """The identity of the weights the request runs with (the version it gets at admission)."""
+        if req.adapter is None:
+            return ()
+        version = req.adapter_version
+        generation = version.generation if version is not None else self.adapters.generation(req.adapter)
+        return (req.adapter, generation, req.adapter_rank or 0)
+
+    def _reuse_cached_prefix(self, req: Request) -> None:
+        """Start a request being admitted on the cached pages of its longest cached prefix."""
+        if self.prefix_cache is None or req.params.prompt_logprobs is not None or req.block_table:
+            return
+        max_pages = (req.num_tokens - 1) // self.kv.page_tokens  # the last token yields the logits
+        chain = self.prefix_cache.lookup(self._cache_root(req), req.token_ids, max_pages)
+        req.cached_pages = chain
+        req.block_table.extend(entry.page for entry in chain)
+        req.num_computed = len(chain) * self.kv.page_tokens
+
+    def _cache_full_pages(self, req: Request, num_tokens: int) -> None:
+        """Hand the pages that the first num_tokens tokens fill to the cache, up to the first one
+        the cache holds already (which stays the request's own)."""
+        if self.prefix_cache is None:
+            return
+        root = self._cache_root(req)
+        for i in range(len(req.cached_pages), num_tokens // self.kv.page_tokens):
+            if not self.prefix_cache.add(root, req.cached_pages, req.token_ids, req.block_table[i]):
+                break
+
+    def _drop_pages(self, req: Request) -> None:
+        """Let go of every page: references to cached ones, the request's own back to the pool."""
+        shared = len(req.cached_pages)
+        if shared:
+            self.prefix_cache.release(req.cached_pages)
+        self.kv.pool.free(req.block_table[shared:], Owner.KV)
+        req.block_table.clear()
 
     def _next_to_admit(self) -> int:
         """The queue position to admit next: the earliest request of the lowest adapter cost
@@ -193,7 +256,7 @@ class Scheduler:
         return f"adapter {req.adapter!r} could not be loaded: {exc}", 400
 
     def _release(self, req: Request) -> None:
-        self.kv.release(req.block_table)
+        self._drop_pages(req)
         req.num_computed = 0
         if req.device_adapter is not None:
             self.adapters.release(req.device_adapter)
@@ -222,6 +285,13 @@ class Scheduler:
         """The step ran: the scheduled tokens' K/V are in the cache."""
         for req, n in scheduled:
             req.num_computed += n
+        if self.prefix_cache is not None:
+            self.prefix_cache.commit()
+
+    def step_failed(self) -> None:
+        """The planned step did not run (or ran partly): the pages it filled are not cached."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.abandon()
 
     def append_token(self, req: Request, token: int, logprob, now: float) -> None:
         req.token_ids.append(token)
@@ -240,5 +310,5 @@ class Scheduler:
         req.status = Status.FINISHED
 
     def kv_pages(self) -> list[int]:
-        """Every KV page held by a queued or running request (for invariant checks)."""
-        return [p for req in (*self.running, *self.waiting) for p in req.block_table]
+        """Every KV page a queued or running request holds as its own (for invariant checks)."""
+        return [p for req in (*self.running, *self.waiting) for p in req.block_table[len(req.cached_pages):]]
