@@ -63,6 +63,9 @@ class EngineCollector(Collector):
         yield labelled("pool_pages", "Unified pool pages by owner.", "owner",
                        {"kv": pool["pages_kv"], "adapter": pool["pages_adapter"], "free": pool["pages_free"]})
         yield gauge("pool_pages_total", "Pages in the unified pool.", pool["pages_total"])
+        yield gauge("pool_prefix_pages", "Adapter pages holding prefix-tuning keys and values (counted "
+                    "among the adapter pages; shared by the adapter's running requests).",
+                    pool.get("pages_adapter_prefix", 0))
         yield gauge("pool_page_bytes", "Bytes per pool page.", pool["page_bytes"])
 
         for name, doc, unit in (("adapters", "Adapters per tier.", "count"),

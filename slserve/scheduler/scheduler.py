@@ -26,6 +26,7 @@ from slserve.memory.adapter_pages import DeviceAdapterCache
 from slserve.memory.adapter_store import AdapterNotFoundError
 from slserve.memory.kv_cache import KVBlocks
 from slserve.request import Request, Status
+from slserve.scheduler.adapter_slots import seat, unseat
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed, budget)
+            n = min(req.seq_len - req.num_computed, budget)
             if self._grow(req, req.num_computed + n, out):
                 out.scheduled.append((req, n))
                 budget -= n
@@ -82,28 +83,28 @@ class Scheduler:
         return out
 
     def _grow(self, req: Request, num_tokens: int, out: SchedulerOutput) -> bool:
-        need = self.kv.pages_for(num_tokens) - len(req.block_table)
+        own = num_tokens - req.num_shared  # slots in its own pages (the rest in its adapter's)
+        need = self.kv.pages_for(own) - len(req.block_table)
         while need > self.kv.pool.num_free:
             short = need - self.kv.pool.num_free
             if self.adapters is not None and self.adapters.evict_idle(short) > 0:
                 continue
             victim = self.running[-1]
             if victim is req and len(self.running) == 1:
-                self._fail(req, self._too_large(req, self.kv.pages_for(num_tokens)), 400, out)
+                self._fail(req, self._too_large(req, self.kv.pages_for(own)), 400, out)
                 return False
             self._preempt(victim)
             out.preempted.append(victim)
             if victim is req:
                 return False
-        self.kv.grow(req.block_table, num_tokens)
+        self.kv.grow(req.block_table, own)
         return True
 
     def _admit(self, budget: int, out: SchedulerOutput) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             pos = self._next_to_admit()
             req = self.waiting[pos]
-            n = min(req.num_tokens - req.num_computed, budget)
-            pages = self.kv.pages_for(n)
+            n, pages = self._chunk(req, budget)
             if req.adapter is not None and req.device_adapter is None:
                 if self.running and req.adapter_version is None and not self.adapters.ready(req.adapter):
                     break  # its files are being read and parsed in the background: the batch goes on
@@ -123,6 +124,8 @@ class Scheduler:
                 req.device_adapter = dev
                 if req.adapter_version is None:
                     req.adapter_version = dev.version
+                seat(req, dev, self.kv.page_tokens)
+                n, pages = self._chunk(req, budget)
             if pages > self.kv.pool.num_free and self.adapters is not None:
                 self.adapters.evict_idle(pages - self.kv.pool.num_free)
             if pages > self.kv.pool.num_free:
@@ -135,11 +138,16 @@ class Scheduler:
             del self.waiting[pos]
             for passed in itertools.islice(self.waiting, pos):
                 passed.overtaken += 1
-            self.kv.grow(req.block_table, n)
+            self.kv.grow(req.block_table, req.num_computed + n - req.num_shared)
             req.status = Status.RUNNING
             self.running.append(req)
             out.scheduled.append((req, n))
             budget -= n
+
+    def _chunk(self, req: Request, budget: int) -> tuple[int, int]:
+        """(slots to compute this step, own KV pages they need) of a request being admitted."""
+        n = min(req.seq_len - req.num_computed, budget)
+        return n, self.kv.pages_for(req.num_computed + n - req.num_shared)
 
     def _next_to_admit(self) -> int:
         """The queue position to admit next: the earliest request of the lowest adapter cost
@@ -194,6 +202,7 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         self.kv.release(req.block_table)
+        unseat(req)
         req.num_computed = 0
         if req.device_adapter is not None:
             self.adapters.release(req.device_adapter)
