@@ -14,12 +14,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from peft import (
+    AdaLoraConfig,
+    IA3Config,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    VeraConfig,
+)
 from safetensors.torch import load_file, save_file
 
 from slserve import LLM, SamplingParams
 from slserve.engine import RequestError
 from tests.peft_util import make_peft_kind_adapter, peft_forward_greedy, peft_generate
+from tests.test_adapter_runtime import randomize_vectors, truncated_copy
 from tests.tiny_llama import write_tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -62,7 +71,18 @@ ADAPTERS = {
                     {"prompt_encoder": 0.5}, None),
     "lora": (lambda: LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS),
              {"lora_A": 0.1, "lora_B": 0.1}, None),
+    # the kinds served before, for the batch of every kind
+    "dora": (lambda: LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True, target_modules=TARGETS),
+             {"lora_A": 0.1, "lora_B": 0.1}, randomize_vectors),
+    "ia3": (lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                              feedforward_modules=["down_proj"]), {}, randomize_vectors),
+    "vera": (lambda: VeraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+             {"vera_lambda_d": 1.0, "vera_lambda_b": 0.5}, None),
+    "adalora": (lambda: AdaLoraConfig(init_r=4, total_step=10, lora_alpha=8,
+                                      target_modules=["q_proj", "down_proj"]),
+                {"lora_A": 0.3, "lora_E": 1.0, "lora_B": 0.3}, None),
 }
+NESTED = "lora:r2"  # a nested rank of the rank-8 LoRA
 
 
 # Their reference is peft's forward over the whole sequence (tests/peft_util.py: peft_forward_greedy).
@@ -88,6 +108,7 @@ def made(tmp_path_factory):
 
     paths = {name: make_peft_kind_adapter(base(), root / name, config(), 50 + i, std, edit)
              for i, (name, (config, std, edit)) in enumerate(ADAPTERS.items())}
+    paths[NESTED] = truncated_copy(paths["lora"], root / "lora-truncated", 2)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     work = [(p, a) for p in PROMPTS for a in [*paths, None]]
     refs = {(p, a): reference(base(), paths[a] if a else None, a, tok.encode(p)) for p, a in work}
@@ -104,10 +125,11 @@ def generate(llm: LLM, work: list[tuple[str, str | None]], max_tokens: int = MAX
 
 
 def make_llm(made, store, **kwargs) -> LLM:
-    llm = LLM(model=str(made[0]), dtype="float32", pool_bytes=8 << 20, threads=1, adapter_dir=str(store),
+    kwargs = {"pool_bytes": 8 << 20, **kwargs}
+    llm = LLM(model=str(made[0]), dtype="float32", threads=1, adapter_dir=str(store),
               page_tokens=PAGE_TOKENS, max_model_len=MAX_MODEL_LEN, **kwargs)
-    for name, path in made[1].items():
-        llm.add_adapter(name, path)
+    for name in ADAPTERS:
+        llm.add_adapter(name, made[1][name])
     return llm
 
 
@@ -127,8 +149,9 @@ def test_alone_matches_peft(llm, made, adapter: str) -> None:
 
 
 def test_mixed_batch_matches_peft(llm, made) -> None:
-    """Every kind with plain LoRA and base requests in one batch, in two orders, each equal to peft
-    alone; the virtual slots show in no output (prompt token counts are the prompt's)."""
+    """Every served kind (a nested rank too) with plain LoRA and base requests in one batch, in two
+    orders, each equal to peft alone; the virtual slots show in no output (prompt token counts are
+    the prompt's)."""
     work = made[2]
     for order in (work, work[::-1]):
         for (prompt, adapter), out in zip(order, generate(llm, order), strict=True):
@@ -191,3 +214,104 @@ def test_max_model_len_counts_the_virtual_tokens(llm) -> None:
         llm.engine.add_request(ids, SamplingParams(max_tokens=10), adapter="prompt")
     assert info.value.status == 400 and info.value.param == "max_tokens"
     assert llm.engine.stats()["running"] == llm.engine.stats()["waiting"] == 0
+
+
+# -- prefix pages in the pool ---------------------------------------------------------------------------
+
+
+def prefix_pages(llm: LLM) -> int:
+    return llm.engine.stats()["pool"]["pages_adapter_prefix"]
+
+
+def test_prefix_pages_are_held_once_and_freed_at_eviction(made, tmp_path) -> None:
+    """Four running requests of one prefix adapter (11 slots: one page shared, three slots copied)
+    hold its two prefix pages once; each holds only its own pages beside them; /metrics counts
+    them; the adapter's eviction frees them, and nothing leaks."""
+    from slserve.api.metrics import ServerMetrics
+
+    llm = make_llm(made, tmp_path / "store")
+    engine = llm.engine
+    try:
+        params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+        reqs = [engine.add_request(PROMPTS[i % 2], params, adapter="prefix") for i in range(4)]
+        engine.step()
+        assert prefix_pages(llm) == 2 and engine.stats()["running"] == 4
+        dev = reqs[0].device_adapter
+        assert all(r.device_adapter is dev and r.shared_pages == [dev.prefix_pages[0]] for r in reqs)
+        own = {p for r in reqs for p in r.block_table}
+        assert len(own) == sum(len(r.block_table) for r in reqs) and not own & set(dev.prefix_pages)
+        assert engine.stats()["pool"]["pages_kv"] == len(own)
+        assert b"slserve_pool_prefix_pages 2.0" in ServerMetrics().render(engine.stats())
+        while engine.has_unfinished():
+            engine.step()
+        for i, r in enumerate(reqs):
+            assert r.output_token_ids == made[3][(PROMPTS[i % 2], "prefix")]
+        engine.check_pool()
+        assert engine.stats()["pool"]["pages_kv"] == 0 and prefix_pages(llm) == 2  # resident, idle
+        engine.adapter_cache.evict_idle(engine.pool.num_pages)
+        assert prefix_pages(llm) == 0 and engine.stats()["pool"]["pages_adapter"] == 0
+        engine.check_pool()
+        assert generate(llm, [(PROMPTS[0], "prefix")])[0].token_ids == made[3][(PROMPTS[0], "prefix")]
+    finally:
+        engine.close()
+
+
+def test_preempted_requests_come_back_equal(made, tmp_path) -> None:
+    """A pool too small for every request at once: requests of each kind are preempted and
+    recomputed (virtual slots, shared prefix pages and the partial page copy set up again), each
+    still equal to peft, and every page is back at the end."""
+    kv_page = 2 * 2 * PAGE_TOKENS * 4 * 16 * 4  # layers, K and V, tokens, KV heads, head dim, float32
+    llm = make_llm(made, tmp_path / "store", pool_bytes=24 * kv_page)
+    try:
+        work = made[2] * 2
+        for (prompt, adapter), out in zip(work, generate(llm, work), strict=True):
+            assert out.token_ids == made[3][(prompt, adapter)], f"{adapter} on {prompt!r}"
+        assert llm.engine.stats()["preemptions"] > 0
+        llm.engine.check_pool()
+        assert llm.engine.stats()["pool"]["pages_kv"] == 0
+    finally:
+        llm.engine.close()
+
+
+def test_malformed_upload_disturbs_nothing(made, tmp_path) -> None:
+    """A prefix adapter for another model, uploaded while requests of every kind run: refused with
+    its reason, the store and the running requests unchanged."""
+    from safetensors.torch import save
+
+    from slserve.adapters.peft_format import AdapterError
+
+    llm = make_llm(made, tmp_path / "store")
+    engine = llm.engine
+    try:
+        params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+        reqs = [(engine.add_request(p, params, adapter=a), p, a) for p, a in made[2]]
+        engine.step()
+        src = made[1]["prefix"]
+        config = json.loads((src / "adapter_config.json").read_text())
+        tensors = load_file(str(src / "adapter_model.safetensors"))
+        wide = {"prompt_embeddings": torch.randn(11, tensors["prompt_embeddings"].shape[1] * 2)}
+        before = engine.adapters(), engine.stats()["pool"]
+        for name, replace in (("new", False), ("prefix", True)):
+            with pytest.raises(AdapterError, match=r"prompt_embeddings has shape \[11, 512\], but the base "
+                                                   r"model needs \[11, 256\]"):
+                engine.add_adapter_bytes(name, json.dumps(config).encode(), save(wide), replace=replace)
+        assert (engine.adapters(), engine.stats()["pool"]) == before
+        while engine.has_unfinished():
+            engine.step()
+        for req, prompt, adapter in reqs:
+            assert req.output_token_ids == made[3][(prompt, adapter)], adapter
+        assert engine.stats()["failed_steps"] == 0
+    finally:
+        engine.close()
+
+
+def test_tensor_parallel_matches_peft(made, tmp_path) -> None:
+    """TP=2 (gloo on CPUs): every kind with LoRA and base requests in one batch; each rank holds its
+    KV heads of the prefix pages and whole virtual-token and norm rows. One prompt each."""
+    work = [(p, a) for p, a in made[2] if p == PROMPTS[0]]
+    llm = make_llm(made, tmp_path / "store", tp=2)
+    try:
+        for (prompt, adapter), out in zip(work, generate(llm, work), strict=True):
+            assert out.token_ids == made[3][(prompt, adapter)], f"{adapter} on {prompt!r}"
+    finally:
+        llm.engine.close()
