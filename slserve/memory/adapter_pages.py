@@ -158,10 +158,9 @@ class DeviceAdapterCache:
 
     def pages_needed(self, adapter: LoRAAdapter) -> int:
         """Pages the adapter takes if its weights get one run (the usual case), prefix pages included."""
-        total = sum(self._sizes(adapter))
+        weights = -(-sum(self._sizes(adapter)) // self.pool.page_elems)
         prefix = self.prefix_pages_needed(adapter)
-        weights = -(-total // self.pool.page_elems) if total or not prefix else 0
-        return max(1, weights) if not prefix else weights + prefix
+        return weights + prefix if prefix else max(1, weights)
 
     # -- residency ---------------------------------------------------------------------------
     def generation(self, name: str) -> int:
