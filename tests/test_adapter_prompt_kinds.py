@@ -315,3 +315,16 @@ def test_tensor_parallel_matches_peft(made, tmp_path) -> None:
             assert out.token_ids == made[3][(prompt, adapter)], f"{adapter} on {prompt!r}"
     finally:
         llm.engine.close()
+
+
+def test_triton_path_matches_peft(made, tmp_path) -> None:
+    """The Triton kernels (under TRITON_INTERPRET without a GPU: one prompt, four tokens, the
+    interpreter is slow): virtual tokens, saved norms and prefix pages beside LoRA and base."""
+    n = 4
+    work = [(PROMPTS[0], a) for a in ("prompt", "longlora", "prefix", "lora", None)]
+    llm = make_llm(made, tmp_path / "store", kernel_backend="triton")
+    try:
+        for (prompt, adapter), out in zip(work, generate(llm, work, n), strict=True):
+            assert out.token_ids == made[3][(prompt, adapter)][:n], f"{adapter} on {prompt!r}"
+    finally:
+        llm.engine.close()
