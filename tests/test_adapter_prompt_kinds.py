@@ -4,7 +4,8 @@ P-tuning (virtual tokens before the prompt), LongLoRA's saved RMSNorm weights, p
 
 Every adapter is made with the real peft library on a small random Llama (float32, random
 nonzero trained parameters); greedy tokens are compared with transformers + peft serving the
-same adapter alone, for each kind alone and in mixed batches with plain LoRA and base requests.
+same adapter alone, for each kind alone and in mixed batches with every other served kind, plain
+LoRA and base requests, on the torch path, on the Triton path and at TP=2.
 """
 
 from __future__ import annotations
