@@ -19,6 +19,7 @@ from slserve.kernels.attention import build_attention_groups, paged_attention
 from slserve.memory.adapter_layout import SlotView, group_columns
 from slserve.memory.kv_cache import KVCache
 from slserve.model.layers import LoRAHook
+from slserve.norm_batch import SavedNorms, saved_norms
 from slserve.parallel import Collectives, Shard
 from slserve.plan import StepPlan
 
@@ -33,6 +34,9 @@ class ForwardContext:
     logits_index: torch.Tensor  # [R] long
     attn: Any  # the backend's attention metadata
     lora: LoRAHook | None
+    # rows of virtual tokens [V] and the adapter rows replacing their embeddings [V, hidden]
+    virtual: tuple[torch.Tensor, torch.Tensor] | None = None
+    norms: SavedNorms | None = None  # segments with saved RMSNorm weights (norm_batch.py)
 
 
 class Backend:
@@ -46,6 +50,8 @@ class Backend:
         self.shard = shard
         self.comm = comm
         self.hidden_columns = shard.hidden_columns(cfg)
+        self.hidden = cfg.hidden_size
+        self.eps = cfg.rms_norm_eps
 
     def prepare(self, plan: StepPlan, kv: KVCache, views: list[SlotView],
                 flat: torch.Tensor) -> ForwardContext:
@@ -53,9 +59,15 @@ class Backend:
         def tensor(values):
             return torch.tensor(values, dtype=torch.long, device=self.device)
 
-        lora = None
+        lora = norms = None
         if plan.segments:
-            lora = self.lora([(s.start, s.end) for s in plan.segments], views, flat)
+            bounds = [(s.start, s.end) for s in plan.segments]
+            lora = self.lora(bounds, views, flat)
+            norms = saved_norms(bounds, views, flat, self.hidden, plan.logits_index, self.eps)
+        virtual = None
+        if plan.virtual_rows:  # each row of the pool's virtual tokens: [V, hidden]
+            cols = torch.arange(self.hidden, device=self.device)
+            virtual = (tensor(plan.virtual_rows), flat[tensor(plan.virtual_offsets)[:, None] + cols])
         return ForwardContext(
             input_ids=tensor(plan.input_ids),
             positions=tensor(plan.positions),
@@ -63,6 +75,8 @@ class Backend:
             logits_index=tensor(plan.logits_index),
             attn=self.attention_metadata(plan),
             lora=lora,
+            virtual=virtual,
+            norms=norms,
         )
 
     def attention_metadata(self, plan: StepPlan) -> Any:

@@ -112,7 +112,7 @@ class Engine:
         self.prefix_cache = PrefixCache(self.pool, config.page_tokens) if config.prefix_caching else None
         self.adapter_cache = DeviceAdapterCache(self.pool, local, self.store.get,
                                                 shapes=shard.lora_shapes(cfg), on_host=self.store.is_cached,
-                                                spare=self.prefix_cache)
+                                                page_tokens=config.page_tokens, spare=self.prefix_cache)
         self.scheduler = Scheduler(self.blocks, self.adapter_cache, config.max_num_seqs,
                                    config.max_num_batched_tokens, config.affinity_bound, self.prefix_cache)
         self.requests: dict[str, Request] = {}
@@ -145,14 +145,10 @@ class Engine:
         if any(not 0 <= t < vocab for t in ids):
             raise RequestError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
         params.check_vocab(vocab)
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise RequestError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                f"requested {len(ids) + params.max_tokens} tokens ({len(ids)} in the prompt, "
-                f"{params.max_tokens} for the completion). Please reduce the prompt or max_tokens.",
-                param="max_tokens" if len(ids) < self.max_model_len else "prompt",
-            )
+        self._check_length(len(ids), params.max_tokens, 0, None)
         adapter, rank = self._resolve_adapter(adapter)
+        if adapter is not None:
+            self._check_length(len(ids), params.max_tokens, self._virtual_slots(adapter), adapter)
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self.requests:
             raise RequestError(f"duplicate request id {rid}")
@@ -166,6 +162,27 @@ class Engine:
         self.scheduler.add(req)
         self.counters["prompt_tokens"] += len(ids)
         return req
+
+    def _check_length(self, prompt: int, max_tokens: int, virtual: int, adapter: str | None) -> None:
+        """Refuse a request whose sequence (the adapter's virtual slots, prompt, completion) is
+        longer than max_model_len."""
+        total = virtual + prompt + max_tokens
+        if total <= self.max_model_len:
+            return
+        extra = f"{virtual} virtual tokens of adapter {adapter!r}, " if virtual else ""
+        raise RequestError(
+            f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+            f"requested {total} tokens ({extra}{prompt} in the prompt, "
+            f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+            param="max_tokens" if virtual + prompt < self.max_model_len else "prompt",
+        )
+
+    def _virtual_slots(self, adapter: str) -> int:
+        """Slots the adapter puts before a prompt, as far as the store knows (0 if not parsed yet)."""
+        try:
+            return self.store.info(adapter).num_virtual
+        except AdapterNotFoundError:
+            return 0  # admission reports it
 
     @property
     def grammars(self) -> Grammars:
@@ -222,7 +239,7 @@ class Engine:
             return outputs
         plan = None
         try:
-            plan, sample = build_plan(sched.scheduled, self.config.page_tokens)
+            plan, sample = build_plan(sched.scheduled, self.config.page_tokens, self.model_config.hidden_size)
             self._count_adapters(sched.scheduled)
             prompt_spans = add_prompt_logprob_rows(plan, sched.scheduled)
             plan.adapter_commands = self.adapter_cache.take_commands()
@@ -350,7 +367,8 @@ class Engine:
     # -- stats -------------------------------------------------------------------------------
     def stats(self) -> dict:
         return {
-            "pool": self.pool.stats(),
+            "pool": {**self.pool.stats(),
+                     "pages_adapter_prefix": self.adapter_cache.snapshot()["prefix_pages"]},
             "prefix_cache": self.prefix_cache.snapshot() if self.prefix_cache is not None else None,
             "adapters": {"store": self.store.stats(), "device": self.adapter_cache.snapshot()},
             "running": len(self.scheduler.running),

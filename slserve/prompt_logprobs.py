@@ -26,11 +26,12 @@ def add_rows(plan: StepPlan, scheduled: list[tuple[Request, int]]) -> list[tuple
     offset = 0  # where the request's tokens start in plan.input_ids (build_plan keeps the order)
     for req, n in scheduled:
         if req.params.prompt_logprobs is not None:
-            start = max(req.num_computed, len(req.prompt_logprobs) - 1)
+            done = req.num_computed - req.num_virtual  # tokens computed before this step (< 0: virtual slots)
+            start = max(done, len(req.prompt_logprobs) - 1, 0)
             # the last prompt position predicts the first output token: a sampling row, not ours
-            end = min(req.num_computed + n, req.num_prompt_tokens - 1)
+            end = min(done + n, req.num_prompt_tokens - 1)
             if start < end:
-                first = offset + start - req.num_computed
+                first = offset + start - done
                 plan.logits_index.extend(range(first, first + end - start))
                 spans.append((req, start, end - start))
         offset += n

@@ -34,11 +34,18 @@ class Request:
 
     # Prompt followed by every generated token; after a preemption the whole list is recomputed.
     token_ids: list[int] = field(init=False)
-    num_computed: int = 0  # tokens whose K/V sit in the cache
+    num_computed: int = 0  # sequence slots whose K/V sit in the cache (virtual slots included)
+    # Its pages from slot num_shared on; the first len(cached_pages) of them are the prefix cache's
+    # entries, referenced (read-only, shared), the rest are its own.
     block_table: list[int] = field(default_factory=list)
-    # The prefix cache's entries for block_table[:len(cached_pages)], referenced (read-only, shared);
-    # the pages after them are the request's own.
     cached_pages: list[CachedPage] = field(default_factory=list)
+    # Slots its adapter puts before the prompt (virtual tokens, prefix K/V) and the adapter's pages
+    # that hold the first num_shared of them, read-only (scheduler/adapter_slots.py). A request with
+    # virtual slots does not use the prefix cache.
+    num_virtual: int = 0
+    shared_pages: list[int] = field(default_factory=list)
+    num_shared: int = 0
+    prefix_copy: tuple[int, int] | None = None  # (adapter page, slots) still to copy into its first page
     device_adapter: DeviceAdapter | None = None  # pinned while running
     # The adapter weights of its first admission, kept for readmission after a preemption even if
     # the adapter is deleted or replaced meanwhile.
@@ -77,6 +84,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def seq_len(self) -> int:
+        """Slots of its sequence in the cache once every token is computed: virtual ones first."""
+        return self.num_virtual + len(self.token_ids)
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -19,7 +19,7 @@ from slserve.adapters.peft_format import LoRAAdapter
 from slserve.backends import make_backend
 from slserve.config import EngineConfig, ModelConfig
 from slserve.kernels.cpu_ext import layer_ops
-from slserve.memory.adapter_layout import AdapterLayout, RankWeights, SlotView, write_adapter
+from slserve.memory.adapter_layout import FINAL_NORM, AdapterLayout, RankWeights, SlotView, write_adapter
 from slserve.memory.kv_cache import KVCache, kv_page_elems
 from slserve.memory.pool import allocate_storage
 from slserve.model.llama import LlamaModel
@@ -32,8 +32,8 @@ logger = logging.getLogger(__name__)
 
 def rank_weights(adapter: LoRAAdapter, ranges: dict[str, tuple[range, range]],
                  copy: bool = False) -> RankWeights:
-    """A rank's slices of every LoRA pair and output scale: views, or contiguous copies to send to
-    another process."""
+    """A rank's slices of every LoRA pair and output scale, its KV heads of a prefix, and the
+    virtual tokens and saved norms whole: views, or contiguous copies to send to another process."""
     def own(t: torch.Tensor | None) -> torch.Tensor | None:
         return t.contiguous() if copy and t is not None else t
 
@@ -45,7 +45,14 @@ def rank_weights(adapter: LoRAAdapter, ranges: dict[str, tuple[range, range]],
     for (layer, module), s in adapter.output_scales.items():
         shift = None if s.shift is None else own(output_scale_slice(module, s.shift, ranges))
         scales[(layer, module)] = (own(output_scale_slice(module, s.vector, ranges)), shift)
-    return RankWeights(pairs, scales)
+    norms = dict(adapter.norms)
+    if adapter.final_norm is not None:
+        norms[FINAL_NORM] = adapter.final_norm
+    prefix = adapter.prefix_kv
+    if prefix is not None:  # [layers, 2, n, kv_heads, head_dim]: the rank's KV heads, as its KV pages
+        kv, d = ranges["k_proj"][1], prefix.shape[-1]
+        prefix = own(prefix[..., kv.start // d : kv.stop // d, :])
+    return RankWeights(pairs, scales, adapter.virtual_tokens, norms, prefix)
 
 
 def runner_device(config: EngineConfig, shard: Shard) -> torch.device:
@@ -73,6 +80,9 @@ class ModelRunner:
         self.storage = allocate_storage(num_pages, kv_page_elems(local, config.page_tokens), dtype, device)
         self.flat = self.storage.view(-1)
         self.kv = KVCache(self.storage, local, config.page_tokens)
+        # the pool as KV pages, for adapters' prefix pages: [pages, layers, 2, page_tokens, kv_heads, D]
+        self.kv_pages = self.storage.view(num_pages, local.num_layers, 2, config.page_tokens,
+                                          local.num_kv_heads, local.head_dim)
         self.backend = make_backend(config.kernel_backend, cfg, shard, self.comm, device, config.page_tokens,
                                     use_cpu_ext)
         self.ranges = shard.module_ranges(cfg)
@@ -88,6 +98,8 @@ class ModelRunner:
         self.apply(plan.adapter_commands)
         for seg in plan.segments:
             self._wait(seg.slot)
+        for src, dst, slots in plan.kv_copies:  # a prefix's partial page into the request's first page
+            self.kv_pages[dst, :, :, :slots].copy_(self.kv_pages[src, :, :, :slots])
         if not plan.input_ids:
             return None
         views = [self.view(seg.slot, seg.rank) for seg in plan.segments]
@@ -108,9 +120,10 @@ class ModelRunner:
             if cmd.background:  # a prefetch: copy while this step's forward runs
                 if self._copier is None:
                     self._copier = ThreadPoolExecutor(1, thread_name_prefix="slserve-adapter-copy")
-                self._copies[cmd.slot] = self._copier.submit(write_adapter, self.flat, cmd.layout, weights)
+                self._copies[cmd.slot] = self._copier.submit(write_adapter, self.flat, cmd.layout, weights,
+                                                             self.kv_pages)
             else:
-                write_adapter(self.flat, cmd.layout, weights)
+                write_adapter(self.flat, cmd.layout, weights, self.kv_pages)
 
     def view(self, slot: int, rank: int) -> SlotView:
         """A resident adapter's view for segments asking for `rank` (0: its own ranks)."""

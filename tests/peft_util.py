@@ -73,4 +73,22 @@ def peft_generate(base, adapter_path: Path | None, prompt_ids: list[int], max_ne
         try:
             return model.generate(input_ids=ids, **kwargs)[0, len(prompt_ids):].tolist()
         finally:
-            model.unload()
+            if not model.active_peft_config.is_prompt_learning:  # prompt learning left base alone
+                model.unload()
+
+
+def peft_forward_greedy(base, adapter_path: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy tokens of a prompt-learning adapter from peft's own forward over the whole sequence,
+    one token per forward. peft 0.21's generate with transformers 5 drops a prefix-tuning
+    adapter's keys and values (its tokens are the base model's) and decodes prompt tuning wrongly
+    from the cache after the first generated token; its forward puts the virtual tokens (or the
+    prefix as past_key_values) before the sequence as documented."""
+    from peft import PeftModel
+
+    seq = list(prompt_ids)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(base, str(adapter_path)).eval()
+        for _ in range(max_new_tokens):
+            seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt_ids):]

@@ -53,7 +53,7 @@ pytestmark = [
 ]
 
 _MODULE_KEY = re.compile(r"layers\.(\d+)\.\w+\.(\w+)$")
-SERVED = "served kinds: LORA, ADALORA, VERA, DORA, IA3"
+SERVED = "served kinds: LORA, ADALORA, VERA, DORA, IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING"
 
 # -- adapters of every kind on the tiny Llama --------------------------------------------------------
 
@@ -291,17 +291,9 @@ def test_longlora_norms_are_peft_modules_to_save(tiny) -> None:
     assert torch.equal(adapter.final_norm, inner.norm.modules_to_save["default"].weight)
 
 
-@pytest.mark.parametrize(("kind", "what"), [("prompt", "'PROMPT_TUNING'"), ("ptuning", "'P_TUNING'"),
-                                            ("prefix", "'PREFIX_TUNING'")])
-def test_unserved_kinds_are_refused_as_not_served_yet(tiny, kind: str, what: str) -> None:
-    with pytest.raises(AdapterError, match=r"is not supported yet: .* not served yet \(" + SERVED) as info:
-        parse_peft_adapter(*files(tiny[kind]), model_config(), 64, "x")
-    assert what in str(info.value)
-
-
-def test_lora_with_own_norms_is_refused_as_not_served_yet(tiny) -> None:
-    with pytest.raises(AdapterError, match=r"LoRA adapters with RMSNorm weights .* are not served yet"):
-        parse_peft_adapter(*files(tiny["longlora"]), model_config(), 64, "x")
+def test_lora_with_own_norms_is_served(tiny) -> None:
+    adapter = parse_peft_adapter(*files(tiny["longlora"]), model_config(), 64, "x")
+    assert adapter.parts() == ["modules", "norms"] and adapter.final_norm is not None
 
 
 # -- refusals ------------------------------------------------------------------------------------------
@@ -347,7 +339,7 @@ def _rank_pattern(key: str, mask) -> Callable[[dict, dict], None]:
     return lambda config, tensors: config["rank_pattern"].update({key: mask})
 
 
-UNKNOWN = r"is not supported \(" + SERVED + "; parsed but not served yet: PROMPT_TUNING, "
+UNKNOWN = r"is not supported \(" + SERVED
 # id -> (files, words the message must match); each a served kind, so the store sees the real reason
 STORE_REFUSALS: dict[str, tuple[Callable[[dict[str, Path]], tuple[bytes, bytes]], str]] = {
     "loha": (_as_is("loha"), "peft_type 'LOHA' " + UNKNOWN),
@@ -410,9 +402,6 @@ STORE_REFUSALS: dict[str, tuple[Callable[[dict[str, Path]], tuple[bytes, bytes]]
         _edit("ia3", lambda c, t: c.update(feedforward_modules=["down_proj", "k_proj"])),
         re.escape("an IA3 feed-forward (input) scale on 'k_proj' is not supported"),
     ),
-}
-# Malformed files of kinds not served yet: the validator's reason (the store says "not served yet").
-CONVERT_REFUSALS = {
     "prompt_embedding_width": (
         _edit("prompt", _replace("prompt_embeddings", (3, 31))),
         r"prompt_embeddings has shape \[3, 31\], but the base model needs \[3, 32\]",
@@ -421,6 +410,22 @@ CONVERT_REFUSALS = {
         _edit("prompt", lambda c, t: c.update(num_layers=3)),
         "num_layers is 3, but the base model's layer count is 2",
     ),
+    "ptuning_virtual_token_count": (
+        _edit("ptuning", lambda c, t: c.update(num_virtual_tokens=4)),
+        r"prompt_embeddings has shape \[3, 32\], but the base model needs \[4, 32\]",
+    ),
+    "ptuning_token_dim": (
+        _edit("ptuning", lambda c, t: c.update(token_dim=64)),
+        "token_dim is 64, but the base model's hidden size is 32",
+    ),
+    "prompt_extra_tensor": (
+        _edit("prompt", lambda c, t: t.update(extra=torch.zeros(2))),
+        r"unexpected tensor key 'extra' \(only prompt_embeddings is expected\)",
+    ),
+    "prompt_not_finite": (
+        _edit("prompt", lambda c, t: t["prompt_embeddings"].__setitem__((0, 0), float("nan"))),
+        re.escape("prompt_embeddings contains non-finite values (nan or inf)"),
+    ),
     "prefix_width": (
         _edit("prefix", _replace("prompt_embeddings", (3, 2 * 2 * 32))),
         r"prompt_embeddings has shape \[3, 128\].*\[3, 64\]",
@@ -428,9 +433,24 @@ CONVERT_REFUSALS = {
     "prefix_missing": (
         _edit("prefix", _drop("prompt_embeddings")), re.escape("no prompt_embeddings tensor (missing tensor)")
     ),
+    "prefix_other_kv_heads": (
+        _edit("prefix", lambda c, t: c.update(num_attention_heads=4)),
+        "num_attention_heads is 4, but the base model's key/value head count is 2",
+    ),
+    "prefix_with_saved_norm": (
+        _edit("prefix", lambda c, t: c.update(modules_to_save=["norm"])),
+        "modules_to_save is not supported with prompt-learning adapters",
+    ),
+    "longlora_norm_wrong_shape": (
+        _edit("longlora", _replace("layers.1.input_layernorm.weight", (31,))),
+        r"input_layernorm.weight has shape \[31\].*\[32\] \(wrong shape\)",
+    ),
+    "longlora_norm_missing": (
+        _edit("longlora", _drop("model.norm.weight")),
+        re.escape("modules_to_save names 'model.norm' but adapter_model.safetensors has no "
+                  "model.norm.weight"),
+    ),
 }
-
-
 @pytest.mark.parametrize("case", list(STORE_REFUSALS))
 def test_refused_upload_names_reason_and_leaves_store_unchanged(tmp_path: Path, tiny, case: str) -> None:
     make, expected = STORE_REFUSALS[case]
@@ -446,19 +466,14 @@ def test_refused_upload_names_reason_and_leaves_store_unchanged(tmp_path: Path, 
     assert store.get("keep").kind == "VERA" and store.info("keep").kind == "VERA"
 
 
-@pytest.mark.parametrize("case", list(CONVERT_REFUSALS))
-def test_malformed_unserved_kind_names_reason(tiny, case: str) -> None:
-    make, expected = CONVERT_REFUSALS[case]
-    with pytest.raises(AdapterError, match=expected):
-        convert_peft_adapter(*make(tiny), model_config(), 64, "bad")
-
-
 def test_edited_files_are_valid_before_the_edit(tiny) -> None:
     """The refusal cases mean something only if the untouched adapters are accepted."""
-    for kind in ("adalora", "vera", "dora", "ia3", "prompt", "ptuning", "prefix"):
+    for kind in ("adalora", "vera", "dora", "ia3", "prompt", "ptuning", "prefix", "longlora"):
         convert(tiny[kind])
-    for kind in ("adalora", "vera", "ia3"):
-        assert parse_peft_adapter(*files(tiny[kind]), model_config(), 64, kind).kind == kind.upper()
+    kinds = {"adalora": "ADALORA", "vera": "VERA", "ia3": "IA3", "prompt": "PROMPT_TUNING",
+             "ptuning": "P_TUNING", "prefix": "PREFIX_TUNING", "longlora": "LORA"}
+    for kind, name in kinds.items():
+        assert parse_peft_adapter(*files(tiny[kind]), model_config(), 64, kind).kind == name
 
 
 # -- end to end on the embedded model -------------------------------------------------------------------
@@ -617,8 +632,9 @@ def _e2e_bad_uploads(e2e, root: Path) -> dict[str, tuple[Path, str]]:
             {},
             "save_projection is false",
         ),
-        "prefix": (PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2), {},
-                   "peft_type 'PREFIX_TUNING' is not supported yet"),
+        "prefix-other-base": (PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, num_layers=3),
+                              {},
+                              "num_layers is 3, but the base model's layer count is 30"),
     }
     out = {name: (make_peft_kind_adapter(base, root / name, config, seed=0, std=std), words)
            for name, (config, std, words) in made.items()}

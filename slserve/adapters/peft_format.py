@@ -102,20 +102,17 @@ def parse_peft_adapter(
     base: BaseWeights | None = None,
 ) -> LoRAAdapter:
     """An adapter the engine serves, given as the bytes of its two files (an upload); raises
-    AdapterError, also for a kind or a part the engine does not serve yet. `base`: the base
-    model's weights, which DoRA's norms need (adapters/dora.py)."""
+    AdapterError. `base`: the base model's weights, which DoRA's norms need (adapters/dora.py)."""
     config = _parse_config_json(config_bytes, name)
     kind = kinds.kind_of(config, name)
-    kinds.require_served_kind(kind, name)
     adapter = kind.convert(config, _load_tensors(weights_bytes, name), model, max_rank, name)
-    kinds.require_served(adapter)
     return resolve_weight_norms(adapter, base)
 
 
 def convert_peft_adapter(
     config_bytes: bytes, weights_bytes: bytes, model: ModelConfig, max_rank: int, name: str
 ) -> LoRAAdapter:
-    """Any known kind, validated and converted, whether or not the engine serves it yet."""
+    """Any known kind, validated and converted; DoRA's norms left unresolved (no base weights)."""
     config = _parse_config_json(config_bytes, name)
     kind = kinds.kind_of(config, name)
     return kind.convert(config, _load_tensors(weights_bytes, name), model, max_rank, name)

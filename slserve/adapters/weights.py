@@ -10,7 +10,7 @@ one `LoRAAdapter`; code downstream reads its parts, never its kind (slserve/adap
     norms           (layer, norm name) -> [hidden]      RMSNorm weights that replace the base model's
     final_norm      [hidden]                            the final RMSNorm's weight
 
-The engine applies `modules` today; an adapter with any other part is refused as not served yet.
+The engine applies every part (docs/ARCHITECTURE.md: Adapter kinds at run time).
 All tensors are float32 on the CPU.
 """
 
@@ -116,6 +116,14 @@ class LoRAAdapter:
     @property
     def max_rank(self) -> int:
         return max(self.ranks.values(), default=0)
+
+    @property
+    def num_virtual(self) -> int:
+        """Sequence slots the adapter puts before a request's prompt: its virtual tokens or its
+        prefix K/V (0 for the other kinds)."""
+        if self.virtual_tokens is not None:
+            return self.virtual_tokens.shape[0]
+        return 0 if self.prefix_kv is None else self.prefix_kv.shape[2]
 
     def parts(self) -> list[str]:
         """The PART_NAMES keys this adapter holds."""

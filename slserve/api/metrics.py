@@ -75,6 +75,9 @@ class EngineCollector(Collector):
             yield gauge("prefix_cache_hit_rate", "prefix_cache_hit_tokens / prefix_cache_query_tokens.",
                         prefix["hit_rate"])
         yield gauge("pool_pages_total", "Pages in the unified pool.", pool["pages_total"])
+        yield gauge("pool_prefix_pages", "Adapter pages holding prefix-tuning keys and values (counted "
+                    "among the adapter pages; shared by the adapter's running requests).",
+                    pool.get("pages_adapter_prefix", 0))
         yield gauge("pool_page_bytes", "Bytes per pool page.", pool["page_bytes"])
 
         for name, doc, unit in (("adapters", "Adapters per tier.", "count"),

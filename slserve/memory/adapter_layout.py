@@ -22,6 +22,17 @@ B^T carries the module's scale, nothing is padded to a maximum rank. An output s
 the module's columns in the rank's output: its own output columns for a column-parallel module,
 every hidden column for a row-parallel one (each rank scales its partial sum before the all-reduce).
 
+After the layer blocks comes one more block for the parts that are not per module (`Extras`):
+
+    virtual tokens [n, hidden]           prompt tuning, P-tuning: rows that replace the embeddings
+                                         of the request's first n slots
+    saved norms    [k, hidden]           LongLoRA's RMSNorm weights (modules_to_save), one row
+                                         per saved (layer, norm), the final norm as layer -1
+
+both full width on every rank (the residual stream is not split). A prefix-tuning adapter's keys
+and values are not in this block: they are whole KV pages of the pool (`prefix_pages`), laid out
+as the KV cache's own pages so that a request's block table can start with them.
+
 A segment reads an adapter through a `SlotView`: the slot table, and two parts present only when
 used, so that a step of plain LoRA requests does no extra work: the factor of each expand when the
 request asks for a lower nested rank (`name:rK`), and the output-scale table.
@@ -87,6 +98,34 @@ class ScaleSlot:
     y0: int
 
 
+FINAL_NORM = (-1, "norm")  # the final RMSNorm's key among saved norms
+
+
+@dataclass(frozen=True)
+class Extras:
+    """Where an adapter's parts outside the layer blocks sit: virtual-token rows and saved norms
+    (pool element offsets, each row `hidden` wide), and its prefix K/V pages."""
+
+    virtual_off: int = -1  # [num_virtual, hidden] at virtual_off
+    num_virtual: int = 0
+    norms: tuple[tuple[tuple[int, str], int], ...] = ()  # ((layer, norm name), offset), FINAL_NORM last
+    prefix_pages: tuple[int, ...] = ()  # KV pages holding the prefix's n slots, in order
+    prefix_len: int = 0
+
+
+def extras_elems(num_virtual: int, num_norms: int, hidden: int) -> int:
+    """Pool elements of the block after the layer blocks."""
+    return (num_virtual + num_norms) * hidden
+
+
+def lay_out_extras(num_virtual: int, norm_keys: list[tuple[int, str]], hidden: int, off: int,
+                   prefix_pages: tuple[int, ...] = (), prefix_len: int = 0) -> Extras:
+    """The extras block starting at pool element `off` (virtual rows first, then the norms)."""
+    norms_off = off + num_virtual * hidden
+    norms = tuple((key, norms_off + i * hidden) for i, key in enumerate(norm_keys))
+    return Extras(off if num_virtual else -1, num_virtual, norms, prefix_pages, prefix_len)
+
+
 @dataclass(frozen=True)
 class SlotView:
     """What a segment of one resident adapter reads in a step (see the module docstring)."""
@@ -94,6 +133,7 @@ class SlotView:
     table: torch.Tensor  # int64 [layers, groups, SLOT_FIELDS]
     factors: torch.Tensor | None  # float32 [layers, groups, MAX_EXPANDS]; None: every factor is 1
     scales: torch.Tensor | None  # int64 [layers, groups, SCALE_FIELDS]; None: no output scale
+    norms: dict[tuple[int, str], int] | None = None  # saved norm -> pool offset; None: the base norms
 
 
 @dataclass(frozen=True)
@@ -102,6 +142,7 @@ class AdapterLayout:
     num_layers: int
     scales: tuple[ScaleSlot, ...] = ()
     rslora: bool = False  # the adapter's scale is alpha / sqrt(r): a lower rank K rescales by sqrt(r / K)
+    extras: Extras = Extras()
 
     def _by_group(self, slots) -> dict[tuple[int, str], list]:
         by_group: dict[tuple[int, str], list] = {}
@@ -154,7 +195,7 @@ class AdapterLayout:
         """A segment's view: the adapter as laid out, or its nested rank K (rank > 0)."""
         nested = 0 < rank < max((s.rank for s in self.slots), default=0)
         return SlotView(self.table(rank if nested else 0), self.factors(rank) if nested else None,
-                        self.scale_table())
+                        self.scale_table(), dict(self.extras.norms) or None)
 
 
 
@@ -206,15 +247,32 @@ def lay_out(layer_ranks: list[dict[str, int]], shapes: Mapping[str, tuple[int, i
 
 
 class RankWeights(NamedTuple):
-    """One rank's slices of an adapter (parallel.py: lora_slice, output_scale_slice)."""
+    """One rank's slices of an adapter (parallel.py: lora_slice, output_scale_slice); virtual
+    tokens and norms are whole on every rank, the prefix K/V has the rank's KV heads."""
 
     # (layer, module) -> (A [r, in], B [out, r], scale)
     pairs: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]
     scales: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor | None]]  # -> (s [width], shift | None)
+    virtual: torch.Tensor | None = None  # [n, hidden]
+    norms: Mapping[tuple[int, str], torch.Tensor] | None = None  # (layer, norm) -> [hidden]; FINAL_NORM
+    prefix_kv: torch.Tensor | None = None  # [layers, 2, n, local kv_heads, head_dim]
 
 
-def write_adapter(flat: torch.Tensor, layout: AdapterLayout, weights: RankWeights) -> None:
-    """Write one rank's weights into its pool at the layout's offsets."""
+def write_adapter(flat: torch.Tensor, layout: AdapterLayout, weights: RankWeights,
+                  kv_pages: torch.Tensor | None = None) -> None:
+    """Write one rank's weights into its pool at the layout's offsets; `kv_pages`: the pool as KV
+    pages [num_pages, layers, 2, page_tokens, kv_heads, head_dim], for a prefix."""
+    ext = layout.extras
+    if ext.num_virtual:
+        flat[ext.virtual_off : ext.virtual_off + weights.virtual.numel()].copy_(weights.virtual.reshape(-1))
+    for key, off in ext.norms:
+        w = weights.norms[key]
+        flat[off : off + w.numel()].copy_(w)
+    if ext.prefix_pages:
+        page_tokens = kv_pages.shape[3]
+        for i, page in enumerate(ext.prefix_pages):
+            chunk = weights.prefix_kv[:, :, i * page_tokens : (i + 1) * page_tokens]  # [L, 2, c, KVH, D]
+            kv_pages[page, :, :, : chunk.shape[2]].copy_(chunk)
     for s in layout.scales:
         vector, shift = weights.scales[(s.layer, s.module)]
         flat[s.v_off : s.v_off + s.width].copy_(vector)

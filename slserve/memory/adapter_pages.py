@@ -9,6 +9,7 @@ free space allows, so a block is always contiguous and every matrix is one range
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -20,7 +21,15 @@ from dataclasses import dataclass
 
 from slserve.adapters.peft_format import LoRAAdapter
 from slserve.config import ModelConfig
-from slserve.memory.adapter_layout import AdapterLayout, group_columns, lay_out, layer_elems
+from slserve.memory.adapter_layout import (
+    FINAL_NORM,
+    AdapterLayout,
+    extras_elems,
+    group_columns,
+    lay_out,
+    lay_out_extras,
+    layer_elems,
+)
 from slserve.memory.pool import Owner, PagePool
 from slserve.memory.prefix_cache import PrefixCache
 from slserve.parallel import ROW_PARALLEL
@@ -59,6 +68,11 @@ class DeviceAdapter:
     def version(self) -> AdapterVersion:
         return AdapterVersion(self.adapter, self.generation)
 
+    @property
+    def prefix_pages(self) -> tuple[int, ...]:
+        """KV pages holding its prefix keys and values (prefix tuning), shared by its requests."""
+        return self.layout.extras.prefix_pages
+
 
 @dataclass
 class AdapterPageStats:
@@ -77,8 +91,8 @@ class DeviceAdapterCache:
     worker thread); `on_host(name)` tells whether `get_host(name)` answers without reading and
     parsing files (default: always). Every placement and release appends a command to
     `commands`, which the engine hands to the model runners with the next step
-    (`take_commands`). `spare`: the prefix cache, whose unreferenced pages go before any idle
-    adapter when a placement needs room."""
+    (`take_commands`). `page_tokens`: the KV page's tokens, for prefix K/V pages. `spare`: the
+    prefix cache, whose unreferenced pages go before any idle adapter when a placement needs room."""
 
     def __init__(
         self,
@@ -88,11 +102,13 @@ class DeviceAdapterCache:
         executor: Executor | None = None,
         shapes: dict[str, tuple[int, int]] | None = None,
         on_host: Callable[[str], bool] | None = None,
+        page_tokens: int = 16,
         spare: PrefixCache | None = None,
     ):
         self.pool = pool
         self.model = model
         self.shapes = shapes or model.module_shapes()
+        self.page_tokens = page_tokens
         self.get_host = get_host
         self.on_host = on_host or (lambda name: True)
         self.spare = spare
@@ -127,13 +143,28 @@ class DeviceAdapterCache:
             scales[layer][module] = 1 if s.shift is None else 2
         return scales
 
+    @staticmethod
+    def _norm_keys(adapter: LoRAAdapter) -> list[tuple[int, str]]:
+        return sorted(adapter.norms) + ([FINAL_NORM] if adapter.final_norm is not None else [])
+
     def _sizes(self, adapter: LoRAAdapter) -> list[int]:
-        return [layer_elems(r, self.shapes, s, self._widths)
-                for r, s in zip(self._layer_ranks(adapter), self._layer_scales(adapter), strict=True)]
+        """Pool elements of each layer block, then of the extras block when there is one."""
+        sizes = [layer_elems(r, self.shapes, s, self._widths)
+                 for r, s in zip(self._layer_ranks(adapter), self._layer_scales(adapter), strict=True)]
+        n = adapter.virtual_tokens.shape[0] if adapter.virtual_tokens is not None else 0
+        extras = extras_elems(n, len(self._norm_keys(adapter)), self.model.hidden_size)
+        return sizes + [extras] if extras else sizes
+
+    def prefix_pages_needed(self, adapter: LoRAAdapter) -> int:
+        """Whole KV pages of its prefix keys and values (0 without one)."""
+        n = 0 if adapter.prefix_kv is None else adapter.prefix_kv.shape[2]
+        return -(-n // self.page_tokens)
 
     def pages_needed(self, adapter: LoRAAdapter) -> int:
-        """Pages the adapter takes if it gets one run (the usual case)."""
-        return max(1, -(-sum(self._sizes(adapter)) // self.pool.page_elems))
+        """Pages the adapter takes if its weights get one run (the usual case), prefix pages included."""
+        weights = -(-sum(self._sizes(adapter)) // self.pool.page_elems)
+        prefix = self.prefix_pages_needed(adapter)
+        return weights + prefix if prefix else max(1, weights)
 
     # -- residency ---------------------------------------------------------------------------
     def generation(self, name: str) -> int:
@@ -305,11 +336,12 @@ class DeviceAdapterCache:
         if runs is None:
             return None
         layer_offsets, runs = runs
-        rslora = bool(adapter.config.get("use_rslora"))
-        layout = lay_out(self._layer_ranks(adapter), self.shapes, self._columns, layer_offsets,
-                         self._layer_scales(adapter), self._widths, rslora)
+        prefix_pages = self._alloc_prefix(adapter, runs)
+        if prefix_pages is None:
+            return None
+        layout = self._lay_out(adapter, layer_offsets, prefix_pages)
         dev = DeviceAdapter(name=adapter.name, adapter=adapter, slot=next(self._slots), runs=runs,
-                            layout=layout, num_pages=sum(n for _, n in runs),
+                            layout=layout, num_pages=sum(n for _, n in runs) + len(prefix_pages),
                             generation=self.generation(adapter.name))
         self.commands.append(AdapterLoad(dev.slot, layout, adapter, background))
         if private:
@@ -320,11 +352,35 @@ class DeviceAdapterCache:
         self.stats.loads += 1
         return dev
 
+    def _alloc_prefix(self, adapter: LoRAAdapter, runs: list[tuple[int, int]]) -> tuple[int, ...] | None:
+        """KV pages for the adapter's prefix (anywhere: they are read through block tables); None,
+        with its runs given back, when the packing of its weights left too few pages."""
+        n = self.prefix_pages_needed(adapter)
+        if n > self.pool.num_free:
+            for start, count in runs:
+                self.pool.free_run(start, count, Owner.ADAPTER)
+            return None
+        return tuple(self.pool.alloc(n, Owner.ADAPTER))
+
+    def _lay_out(self, adapter: LoRAAdapter, offsets: list[int],
+                 prefix_pages: tuple[int, ...]) -> AdapterLayout:
+        layers = self.model.num_layers
+        layout = lay_out(self._layer_ranks(adapter), self.shapes, self._columns, offsets[:layers],
+                         self._layer_scales(adapter), self._widths, bool(adapter.config.get("use_rslora")))
+        n = adapter.virtual_tokens.shape[0] if adapter.virtual_tokens is not None else 0
+        extras = lay_out_extras(n, self._norm_keys(adapter), self.model.hidden_size,
+                                offsets[layers] if len(offsets) > layers else -1, prefix_pages,
+                                0 if adapter.prefix_kv is None else adapter.prefix_kv.shape[2])
+        return dataclasses.replace(layout, extras=extras)
+
     def _place(self, sizes: list[int]) -> tuple[list[int], list[tuple[int, int]]] | None:
-        """Pack consecutive layer blocks into runs: one run if possible, else the largest free runs
-        first. Returns (element offset of each layer block, runs) or None."""
+        """Pack consecutive blocks into runs: one run if possible, else the largest free runs
+        first. Returns (element offset of each block, runs) or None; no runs for no elements (an
+        adapter of prefix pages alone)."""
         pe = self.pool.page_elems
         total = sum(sizes)
+        if total == 0:
+            return [0] * len(sizes), []
         start = self.pool.alloc_run(max(1, -(-total // pe)))
         if start is not None:
             offsets, off = [], start * pe
@@ -362,11 +418,15 @@ class DeviceAdapterCache:
         self.commands.append(AdapterFree(dev.slot))
         for start, n in dev.runs:
             self.pool.free_run(start, n, Owner.ADAPTER)
+        self.pool.free(list(dev.prefix_pages), Owner.ADAPTER)
         dev.runs = []
+        extras = dataclasses.replace(dev.layout.extras, prefix_pages=())
+        dev.layout = dataclasses.replace(dev.layout, extras=extras)
 
     def owned_pages(self) -> list[int]:
         """Every page held by a resident or stale adapter (for invariant checks)."""
-        return [p for d in (*self.resident.values(), *self.stale) for s, n in d.runs for p in range(s, s + n)]
+        return [p for d in (*self.resident.values(), *self.stale)
+                for p in (*(q for s, n in d.runs for q in range(s, s + n)), *d.prefix_pages)]
 
     def snapshot(self) -> dict[str, int]:
         return {
@@ -375,6 +435,7 @@ class DeviceAdapterCache:
             "device_bytes": sum(d.num_pages for d in self.resident.values()) * self.pool.page_elems
             * self.pool.itemsize,
             "device_pinned": sum(1 for d in self.resident.values() if d.pins),
+            "prefix_pages": sum(len(d.prefix_pages) for d in (*self.resident.values(), *self.stale)),
             "loads": self.stats.loads,
             "evictions": self.stats.evictions,
             "prefetches": self.stats.prefetches,

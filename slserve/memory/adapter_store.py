@@ -87,6 +87,7 @@ class AdapterInfo:
     ranks: dict[str, int] | None  # None until the adapter has been parsed once
     target_modules: tuple[str, ...] | None
     kind: str | None = None  # adapters.kinds.KINDS key; None until parsed
+    num_virtual: int = 0  # slots it puts before a prompt (virtual tokens, prefix K/V); 0 until parsed
 
 
 @dataclass
@@ -97,6 +98,7 @@ class _DiskEntry:
     ranks: dict[str, int] | None = None
     target_modules: tuple[str, ...] | None = None
     kind: str | None = None
+    num_virtual: int = 0
 
 
 class AdapterStore:
@@ -193,6 +195,7 @@ class AdapterStore:
                 ranks=dict(e.ranks) if e.ranks is not None else None,
                 target_modules=e.target_modules,
                 kind=e.kind,
+                num_virtual=e.num_virtual,
             )
 
     def is_cached(self, name: str) -> bool:
@@ -329,6 +332,7 @@ class AdapterStore:
         entry.ranks = dict(adapter.ranks)
         entry.target_modules = adapter.target_modules
         entry.kind = adapter.kind
+        entry.num_virtual = adapter.num_virtual
 
     # -- disk tier -----------------------------------------------------------------------------
 
@@ -371,7 +375,7 @@ class AdapterStore:
                 shutil.rmtree(old, ignore_errors=True)
         logger.info("stored adapter %r (%d bytes, ranks %s)", name, entry.size_bytes, entry.ranks)
         return AdapterInfo(name, entry.created, entry.size_bytes, dict(adapter.ranks), adapter.target_modules,
-                           adapter.kind)
+                           adapter.kind, adapter.num_virtual)
 
     def _swap_in(self, tmp: Path, final: Path, name: str) -> Path | None:
         """Rename tmp to final; an existing final is moved aside first and returned for deletion."""

@@ -51,10 +51,14 @@ class DecoderLayer(nn.Module):
         T = residual.shape[0]
         H, _, D = self.heads
         residual, h = ops.add_norm(residual, delta, self.input_norm)
+        if ctx.norms is not None:
+            ctx.norms.apply(h, residual, self.index, "input_layernorm")
         qkv = self.qkv(h, ctx.lora)  # [T, q + 2 kv]
         q = ops.rotary_kv(qkv, cos, sin, self.heads, kv, self.index, ctx.write_index)
         o = backend.attention(q, kv.k[self.index], kv.v[self.index], ctx, D**-0.5)  # [T, H, D]
         residual, h = ops.add_norm(residual, self.o(o.view(T, H * D), ctx.lora), self.post_norm)
+        if ctx.norms is not None:
+            ctx.norms.apply(h, residual, self.index, "post_attention_layernorm")
         act = ops.silu_mul(self.gate_up(h, ctx.lora))  # [T, inter]
         return self.down(act, ctx.lora), residual
 
@@ -99,10 +103,15 @@ class LlamaModel(nn.Module):
         """Logits (float32) for the tokens in ctx.logits_index: [R, vocab], on rank 0 (None on the
         others)."""
         residual = self.embed_tokens(ctx.input_ids)  # [T, hidden]
+        if ctx.virtual is not None:  # an adapter's virtual tokens (prompt tuning) replace theirs
+            rows, embeds = ctx.virtual
+            residual[rows] = embeds.to(residual.dtype)
         cos, sin = self.rotary.tables(ctx.positions, residual.dtype)
         delta = None
         for layer in self.layers:
             delta, residual = layer(delta, residual, cos, sin, ctx, kv, backend, self.ops)
         rows = ctx.logits_index
-        _, h = self.ops.add_norm(residual[rows], delta[rows], self.norm)
+        x, h = self.ops.add_norm(residual[rows], delta[rows], self.norm)
+        if ctx.norms is not None:
+            ctx.norms.apply_final(h, x)
         return self.comm.gather_vocab(self._lm_head(h).float(), self.cfg.vocab_size)

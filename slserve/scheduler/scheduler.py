@@ -35,6 +35,7 @@ from slserve.memory.kv_cache import KVBlocks
 from slserve.memory.pool import Owner
 from slserve.memory.prefix_cache import PrefixCache, Root
 from slserve.request import Request, Status
+from slserve.scheduler.adapter_slots import seat, unseat
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed, budget)
+            n = min(req.seq_len - req.num_computed, budget)
             if self._grow(req, req.num_computed + n, out):
                 self._cache_full_pages(req, req.num_computed + n)
                 out.scheduled.append((req, n))
@@ -94,20 +95,21 @@ class Scheduler:
         return out
 
     def _grow(self, req: Request, num_tokens: int, out: SchedulerOutput) -> bool:
-        need = self.kv.pages_for(num_tokens) - len(req.block_table)
+        own = num_tokens - req.num_shared  # slots in its own pages (the rest in its adapter's)
+        need = self.kv.pages_for(own) - len(req.block_table)
         while need > self.kv.pool.num_free:
             short = need - self.kv.pool.num_free
             if self._reclaim(short) > 0:
                 continue
             victim = self.running[-1]
             if victim is req and len(self.running) == 1:
-                self._fail(req, self._too_large(req, self.kv.pages_for(num_tokens)), 400, out)
+                self._fail(req, self._too_large(req, self.kv.pages_for(own)), 400, out)
                 return False
             self._preempt(victim)
             out.preempted.append(victim)
             if victim is req:
                 return False
-        self.kv.grow(req.block_table, num_tokens)
+        self.kv.grow(req.block_table, own)
         return True
 
     def _reclaim(self, pages: int) -> int:
@@ -124,9 +126,7 @@ class Scheduler:
             if (req.adapter is not None and req.device_adapter is None and self.running
                     and req.adapter_version is None and not self.adapters.ready(req.adapter)):
                 break  # its files are being read and parsed in the background: the batch goes on
-            self._reuse_cached_prefix(req)
-            n = min(req.num_tokens - req.num_computed, budget)
-            pages = self.kv.pages_for(req.num_computed + n) - len(req.block_table)
+            n, pages = self._chunk(req, budget)
             if req.adapter is not None and req.device_adapter is None:
                 try:
                     dev = self.adapters.acquire(req.adapter, reserve_pages=pages, version=req.adapter_version)
@@ -145,6 +145,9 @@ class Scheduler:
                 req.device_adapter = dev
                 if req.adapter_version is None:
                     req.adapter_version = dev.version
+                seat(req, dev, self.kv.page_tokens)
+            self._reuse_cached_prefix(req)
+            n, pages = self._chunk(req, budget)
             if pages > self.kv.pool.num_free:
                 self._reclaim(pages - self.kv.pool.num_free)
             if pages > self.kv.pool.num_free:
@@ -157,8 +160,8 @@ class Scheduler:
             del self.waiting[pos]
             for passed in itertools.islice(self.waiting, pos):
                 passed.overtaken += 1
-            self.kv.grow(req.block_table, req.num_computed + n)
-            if self.prefix_cache is not None:
+            self.kv.grow(req.block_table, req.num_computed + n - req.num_shared)
+            if self._caches(req):
                 self.prefix_cache.stats.query_tokens += req.num_tokens
                 self.prefix_cache.stats.hit_tokens += req.num_computed
             self._cache_full_pages(req, req.num_computed + n)
@@ -167,7 +170,17 @@ class Scheduler:
             out.scheduled.append((req, n))
             budget -= n
 
+    def _chunk(self, req: Request, budget: int) -> tuple[int, int]:
+        """(slots to compute this step, own KV pages they need) of a request being admitted."""
+        n = min(req.seq_len - req.num_computed, budget)
+        return n, self.kv.pages_for(req.num_computed + n - req.num_shared) - len(req.block_table)
+
     # -- the prefix cache: a request's block table starts with its referenced cached pages -------
+    def _caches(self, req: Request) -> bool:
+        """Whether the request's pages go through the prefix cache. Not with slots its adapter
+        puts before the prompt: those pages are keyed by the adapter alone (adapter_slots.py)."""
+        return self.prefix_cache is not None and not req.num_virtual
+
     def _cache_root(self, req: Request) -> Root:
         """The identity of the weights the request runs with (the version it gets at admission)."""
         if req.adapter is None:
@@ -178,7 +191,7 @@ class Scheduler:
 
     def _reuse_cached_prefix(self, req: Request) -> None:
         """Start a request being admitted on the cached pages of its longest cached prefix."""
-        if self.prefix_cache is None or req.params.prompt_logprobs is not None or req.block_table:
+        if not self._caches(req) or req.params.prompt_logprobs is not None or req.block_table:
             return
         max_pages = (req.num_tokens - 1) // self.kv.page_tokens  # the last token yields the logits
         chain = self.prefix_cache.lookup(self._cache_root(req), req.token_ids, max_pages)
@@ -189,7 +202,7 @@ class Scheduler:
     def _cache_full_pages(self, req: Request, num_tokens: int) -> None:
         """Hand the pages that the first num_tokens tokens fill to the cache, up to the first one
         the cache holds already (which stays the request's own)."""
-        if self.prefix_cache is None:
+        if not self._caches(req):
             return
         root = self._cache_root(req)
         for i in range(len(req.cached_pages), num_tokens // self.kv.page_tokens):
@@ -257,6 +270,7 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         self._drop_pages(req)
+        unseat(req)
         req.num_computed = 0
         if req.device_adapter is not None:
             self.adapters.release(req.device_adapter)
