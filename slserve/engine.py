@@ -178,7 +178,7 @@ class Engine:
         )
 
     def _virtual_slots(self, adapter: str) -> int:
-        """Slots the adapter puts before a prompt, as far as the store knows (0 if not parsed yet)."""
+        """Slots the adapter puts before a prompt (as its config declares them until it is parsed)."""
         try:
             return self.store.info(adapter).num_virtual
         except AdapterNotFoundError:

@@ -217,6 +217,22 @@ def test_max_model_len_counts_the_virtual_tokens(llm) -> None:
     assert llm.engine.stats()["running"] == llm.engine.stats()["waiting"] == 0
 
 
+def test_max_model_len_counts_the_virtual_tokens_before_the_first_use(made, tmp_path) -> None:
+    """An adapter that sat on disk from start-up, never parsed: its config's num_virtual_tokens count."""
+    import shutil
+
+    shutil.copytree(made[1]["prompt"], tmp_path / "store" / "prompt")
+    llm = LLM(model=str(made[0]), dtype="float32", threads=1, adapter_dir=str(tmp_path / "store"),
+              pool_bytes=8 << 20, page_tokens=PAGE_TOKENS, max_model_len=MAX_MODEL_LEN)
+    try:
+        assert llm.engine.store.info("prompt").ranks is None  # not parsed
+        ids = list(range(100, 100 + MAX_MODEL_LEN - 10))
+        with pytest.raises(RequestError, match=r"\(5 virtual tokens of adapter 'prompt', 54 in the prompt"):
+            llm.engine.add_request(ids, SamplingParams(max_tokens=10), adapter="prompt")
+    finally:
+        llm.engine.close()
+
+
 # -- prefix pages in the pool ---------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ rolled back) at start-up:
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import re
@@ -87,7 +88,7 @@ class AdapterInfo:
     ranks: dict[str, int] | None  # None until the adapter has been parsed once
     target_modules: tuple[str, ...] | None
     kind: str | None = None  # adapters.kinds.KINDS key; None until parsed
-    num_virtual: int = 0  # slots it puts before a prompt (virtual tokens, prefix K/V); 0 until parsed
+    num_virtual: int = 0  # slots it puts before a prompt (virtual tokens, prefix K/V); declared until parsed
 
 
 @dataclass
@@ -99,6 +100,22 @@ class _DiskEntry:
     target_modules: tuple[str, ...] | None = None
     kind: str | None = None
     num_virtual: int = 0
+
+
+_PROMPT_LEARNING = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+
+
+def _declared_virtual_tokens(path: Path) -> int:
+    """The slots a prompt-learning adapter's config declares, read without parsing its weights, so
+    that a request's length is checked against them before the adapter's first use (parsing checks
+    them against the weights and then replaces this figure)."""
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+        if isinstance(config, dict) and config.get("peft_type") in _PROMPT_LEARNING:
+            return max(0, int(config.get("num_virtual_tokens") or 0))
+    except (OSError, ValueError, TypeError):
+        pass  # reported when it is parsed
+    return 0
 
 
 class AdapterStore:
@@ -166,7 +183,8 @@ class AdapterStore:
 
     def _disk_entry(self, path: Path) -> _DiskEntry:
         size = sum(f.stat().st_size for f in os.scandir(path) if f.is_file(follow_symlinks=False))
-        return _DiskEntry(created=path.stat().st_mtime, size_bytes=size, version=next(self._versions))
+        return _DiskEntry(created=path.stat().st_mtime, size_bytes=size, version=next(self._versions),
+                          num_virtual=_declared_virtual_tokens(path))
 
     # -- queries -------------------------------------------------------------------------------
 
