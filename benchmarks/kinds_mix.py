@@ -1,13 +1,15 @@
 """Throughput of a saturating trace over adapters of every kind against the same trace over plain LoRA.
 
-    python benchmarks/kinds_mix.py [--requests 16] [--prompt-len 32] [--gen-len 16] [--rounds 2]
+    python benchmarks/kinds_mix.py [--adapters 100] [--requests 100] [--gen-len 16] [--per-kind]
 
-Two sets of real PEFT adapters (made with the peft library) for the embedded model: the mix, one
-adapter of each kind (LoRA, DoRA, AdaLoRA, VeRA and LongLoRA of rank 8 on all seven modules, IA3,
-prompt tuning and prefix tuning with --virtual-tokens slots), and plain LoRA, a rank-8 LoRA on all
-seven modules in place of each of them. The trace gives every request its adapter round-robin
+Two sets of --adapters real PEFT adapters for the embedded model: the mix cycles over the kinds
+(LoRA, DoRA, AdaLoRA, VeRA and LongLoRA of rank 8 on all seven modules, IA3, prompt tuning and
+prefix tuning with --virtual-tokens slots; the first of each made with the peft library, the rest
+copies with every weight perturbed), and plain LoRA, a rank-8 LoRA on all seven modules in place of
+each of them. The trace gives every request its adapter round-robin
 and submits them all at once (offline, saturating: the batch holds every kind at every step);
-each request generates exactly --gen-len tokens. The two sets alternate over --rounds runs, with
+each request generates exactly --gen-len tokens. --per-kind adds one run per kind, the trace over
+--adapters adapters of that kind alone: the cost of each kind. The two sets alternate over --rounds runs, with
 the device tier emptied before each (the host tier holds every adapter parsed). Reports
 generated tokens/s and engine steps. Prints a table and writes JSON.
 """
@@ -62,7 +64,21 @@ def kind_configs(rank: int, virtual: int) -> dict:
     }
 
 
-def make_sets(root: Path, model_dir: Path, rank: int, virtual: int, seed: int) -> dict[str, dict[str, Path]]:
+def derive(source: Path, path: Path, g: torch.Generator) -> Path:
+    """A copy of a saved adapter with every weight perturbed (scalars, e.g. AdaLoRA's ranknum,
+    kept): another adapter of the same kind and shapes."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, path)
+    weights = path / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: v * (1 + 0.1 * torch.randn(v.shape, generator=g)) if v.numel() > 1 else v
+               for k, v in tensors.items()}, str(weights))
+    return path
+
+
+def make_sets(root: Path, model_dir: Path, rank: int, virtual: int, seed: int, count: int
+              ) -> dict[str, dict[str, Path]]:
     """{"mix": name -> folder, "lora": name -> folder}, the same names in both. The plain LoRA set
     is one peft LoRA saved once, then copied with new random values for each name."""
     from peft import get_peft_model
@@ -88,11 +104,16 @@ def make_sets(root: Path, model_dir: Path, rank: int, virtual: int, seed: int) -
 
     sets: dict[str, dict[str, Path]] = {"mix": {}, "lora": {}}
     configs = kind_configs(rank, virtual)
-    for name, (config, spread) in configs.items():
-        sets["mix"][name] = save(config, spread, root / "mix" / name)
+    kinds = list(configs)
+    for i in range(count):
+        kind = kinds[i % len(kinds)]
+        name = f"{kind}-{i:03d}"
+        first = sets["mix"].get(f"{kind}-{i % len(kinds):03d}")
+        sets["mix"][name] = (derive(first, root / "mix" / name, g) if first is not None
+                             else save(*configs[kind], root / "mix" / name))
     template = save(configs["lora"][0], configs["lora"][1], root / "lora-template")
     tensors = load_file(str(template / "adapter_model.safetensors"))
-    for name in configs:
+    for name in sets["mix"]:
         path = root / "lora" / name
         shutil.copytree(template, path)
         save_file({k: torch.randn(v.shape, generator=g) * 0.05 for k, v in tensors.items()},
@@ -117,12 +138,15 @@ def run(llm: LLM, prompts: list[list[int]], adapters: list[str], gen_len: int) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--adapters", type=int, default=100, help="in each set")
+    ap.add_argument("--requests", type=int, default=100)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--gen-len", type=int, default=16)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--virtual-tokens", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--per-kind", action="store_true",
+                    help="then one run per kind over --adapters adapters of that kind alone")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
@@ -133,7 +157,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t = time.perf_counter()
-        sets = make_sets(root, model_dir, args.rank, args.virtual_tokens, args.seed)
+        sets = make_sets(root, model_dir, args.rank, args.virtual_tokens, args.seed, args.adapters)
         made_s = time.perf_counter() - t
         names = list(sets["mix"])
         results: dict[str, list[dict]] = {"mix": [], "lora": []}
@@ -150,17 +174,32 @@ def main() -> None:
                 for which in ("mix", "lora"):
                     adapters = [f"{which}-{names[i % len(names)]}" for i in range(args.requests)]
                     results[which].append(run(llm, prompts, adapters, args.gen_len))
+            if args.per_kind:  # the same trace over --adapters adapters of one kind, kind by kind
+                g = torch.Generator().manual_seed(args.seed + 1)
+                for k, kind in enumerate(kind_configs(args.rank, 1)):
+                    first = sets["mix"][f"{kind}-{k:03d}"]
+                    only = [f"only-{kind}-{i:03d}" for i in range(args.adapters)]
+                    for name in only:
+                        llm.add_adapter(name, derive(first, root / "only" / name, g))
+                        llm.engine.store.get(name)
+                    adapters = [only[i % len(only)] for i in range(args.requests)]
+                    results[f"only-{kind}"] = [run(llm, prompts, adapters, args.gen_len)]
+                    for name in only:  # the host tier holds one kind's set at a time
+                        llm.remove_adapter(name)
         finally:
             llm.engine.close()
 
     summary = {w: statistics.median(r["tokens_per_s"] for r in rs) for w, rs in results.items()}
     print(f"{args.requests} requests x ({args.prompt_len} prompt + {args.gen_len} new tokens), {args.dtype}, "
-          f"adapters: {', '.join(names)} (rank {args.rank}, {args.virtual_tokens} virtual tokens)")
-    print("| adapters | tok/s (median) | runs (tok/s) |")
-    print("|---|---:|---|")
-    for which, label in (("mix", "every kind"), ("lora", "plain LoRA, rank 8")):
+          f"{len(names)} adapters per set, the mix over {', '.join(kind_configs(args.rank, 1))} "
+          f"(rank {args.rank}, {args.virtual_tokens} virtual tokens)")
+    print("| adapters | tok/s (median) | / plain LoRA | runs (tok/s) |")
+    print("|---|---:|---:|---|")
+    labels = {"mix": "every kind", "lora": "plain LoRA, rank 8"}
+    for which in results:
         runs = ", ".join(f"{r['tokens_per_s']:.1f}" for r in results[which])
-        print(f"| {label} | {summary[which]:.1f} | {runs} |")
+        label = labels.get(which, which.replace("only-", "only "))
+        print(f"| {label} | {summary[which]:.1f} | {summary[which] / summary['lora']:.2f} | {runs} |")
     print(f"mix / plain LoRA: {summary['mix'] / summary['lora']:.2f}")
     write_json(args.out, {"config": vars(args), "adapters": names, "adapter_build_s": made_s,
                           "runs": results, "median_tokens_per_s": summary,
