@@ -613,12 +613,35 @@ def test_models_show_kind_ranks_and_targets(server, e2e) -> None:
         assert (card["kind"], card["ranks"], card["target_modules"]) == (
             info.kind, info.ranks, list(info.target_modules))
         assert httpx.get(f"{server.url}/v1/adapters/{name}").json()["kind"] == info.kind
-    assert models["vera"]["kind"] == "VERA"
+    assert models["vera"]["kind"] == "VERA" and models["vera"]["virtual_tokens"] is None
     text = openai_client(server.url).completions.create(model="ada", prompt=PROMPTS[0], max_tokens=MAX_TOKENS,
                                                          temperature=0).choices[0].text
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
     offline = llm.generate(PROMPTS[0], params, adapters=["ada"])[0]
     assert text == offline.text
+
+
+@pytest.mark.slow
+def test_models_show_virtual_tokens(server, tmp_path) -> None:
+    """A prompt-tuning adapter made with peft (on the meta device: no base weights) for the embedded
+    model: its card names the kind and the virtual tokens it puts before every prompt."""
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(resolve_model(None))))
+    model = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=7))
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "prompt_encoder" in name:
+                p.normal_(0, 0.02)
+    model.save_pretrained(str(tmp_path / "pt"))
+    r = upload(server.url, "virtual", tmp_path / "pt")
+    assert r.status_code == 201, r.text
+    models = {m["id"]: m for m in httpx.get(f"{server.url}/v1/models").json()["data"]}
+    assert (models["virtual"]["kind"], models["virtual"]["virtual_tokens"]) == ("PROMPT_TUNING", 7)
+    assert httpx.get(f"{server.url}/v1/adapters/virtual").json()["virtual_tokens"] == 7
 
 
 def _e2e_bad_uploads(e2e, root: Path) -> dict[str, tuple[Path, str]]:

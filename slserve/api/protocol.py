@@ -646,10 +646,12 @@ class ModelCard(BaseModel):
     root: str
     parent: str | None = None
     max_model_len: int | None = None
-    # Adapters only, once parsed: the PEFT kind, rank per target module, target modules.
+    # Adapters only, once parsed: the PEFT kind, rank per target module, target modules, and the
+    # virtual tokens a prompt-learning adapter puts before each prompt (declared in its config).
     kind: str | None = None
     ranks: dict[str, int] | None = None
     target_modules: list[str] | None = None
+    virtual_tokens: int | None = None
 
 
 class ModelList(BaseModel):
@@ -678,6 +680,7 @@ class AdapterCard(BaseModel):
     kind: str | None  # the PEFT kind (LORA, ADALORA, VERA); None until the adapter was first parsed
     ranks: dict[str, int] | None  # per target module; None until the adapter was first parsed
     target_modules: list[str] | None
+    virtual_tokens: int | None = None  # prompt tuning, P-tuning, prefix tuning
     resident: Literal["disk", "host", "device"]
 
 

@@ -566,7 +566,7 @@ def create_app(
         cards = [p.ModelCard(id=base, created=created, root=cfg.model or base,
                              max_model_len=engine.engine.max_model_len)]
         cards += [p.ModelCard(id=i.name, created=int(i.created), root=i.name, parent=base, kind=i.kind,
-                              ranks=i.ranks,
+                              ranks=i.ranks, virtual_tokens=i.num_virtual or None,
                               target_modules=list(i.target_modules) if i.target_modules else None)
                   for i in infos]
         return p.ModelList(data=cards)
@@ -798,6 +798,7 @@ def create_app(
         return [
             p.AdapterCard(id=info.name, created=int(info.created), parent=base, size_bytes=info.size_bytes,
                           kind=info.kind, ranks=info.ranks, resident=tier,
+                          virtual_tokens=info.num_virtual or None,
                           target_modules=list(info.target_modules) if info.target_modules else None)
             for info, tier in await engine.adapter_infos(names)
         ]
