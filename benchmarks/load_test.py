@@ -30,7 +30,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -494,12 +494,17 @@ class LoadTestConfig:
     timeout: float = 600.0
     max_connections: int = 1024
     progress: bool = True
+    # Closed loop: this many streams, each sending the trace's next request when its last one ends
+    # (arrival times are ignored). None: open loop, every request sent at its arrival time.
+    concurrency: int | None = None
 
     def __post_init__(self) -> None:
         if self.prompt_format not in ("text", "ids"):
             raise ValueError("prompt_format must be text or ids")
         if self.slo_ttft <= 0 or self.timeout <= 0 or self.max_connections < 1:
             raise ValueError("slo_ttft, timeout and max_connections must be positive")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
 
 
 async def base_model_id(client: httpx.AsyncClient) -> str:
@@ -581,8 +586,8 @@ async def run_load_test(
     trace: list[TraceItem] | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> dict[str, Any]:
-    """Replay the trace against the server in real time and return the result dict
-    (config, summary, timeline, per-request records)."""
+    """Replay the trace against the server and return the result dict (config, summary, timeline,
+    per-request records): in real time, or in a closed loop of `cfg.concurrency` streams."""
     if trace is None:
         trace = make_trace(cfg.workload)
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
@@ -605,13 +610,24 @@ async def run_load_test(
             return rec
 
         t0 = time.perf_counter()
-        tasks = []
-        for i, item in enumerate(trace):
-            delay = item.arrival_s - (time.perf_counter() - t0)
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i, item)))
-        records = await asyncio.gather(*tasks)
+        if cfg.concurrency:
+            records: list[RequestRecord] = [None] * len(trace)  # type: ignore[list-item]
+            pending = iter(enumerate(trace))  # shared by the streams: each takes the next request
+
+            async def stream() -> None:
+                for i, item in pending:
+                    item = replace(item, arrival_s=time.perf_counter() - t0)  # it arrives now
+                    records[i] = await one(i, item)
+
+            await asyncio.gather(*(stream() for _ in range(min(cfg.concurrency, len(trace)))))
+        else:
+            tasks = []
+            for i, item in enumerate(trace):
+                delay = item.arrival_s - (time.perf_counter() - t0)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(i, item)))
+            records = await asyncio.gather(*tasks)
         bar.close()
     config = {"kind": "http", **asdict(cfg), "api_key": "***" if cfg.api_key else None}
     return build_result("slserve load test", config, records, cfg.slo_ttft)
@@ -673,6 +689,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slo-ttft", type=float, default=1.0, help="TTFT SLO in seconds")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--max-connections", type=int, default=1024)
+    p.add_argument(
+        "--concurrency", type=int, default=None, help="closed loop: N streams, arrival times ignored"
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--out", default="load_test.json", help="JSON result path ('' for none)")
     p.add_argument("--plot", default=None, help="PNG with latency CDFs and throughput over time")
@@ -691,6 +710,7 @@ def config_from_args(a: argparse.Namespace) -> LoadTestConfig:
         timeout=a.timeout,
         max_connections=a.max_connections,
         progress=a.progress,
+        concurrency=a.concurrency,
     )
 
 

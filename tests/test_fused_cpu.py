@@ -12,7 +12,7 @@ from slserve.config import ModelConfig
 from slserve.kernels.cpu_ext import cpu_ops
 from slserve.memory.kv_cache import KVCache, kv_page_elems
 from slserve.memory.pool import allocate_storage
-from slserve.model.layers import RMSNorm, Rotary
+from slserve.model.layers import LM_HEAD_MAX_BATCH, LM_HEAD_ROWS, RMSNorm, Rotary, vocab_head
 from slserve.model.ops import CpuOps, TorchOps
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -91,3 +91,16 @@ def test_silu_mul(cpu, dtype, tokens, inter):
         assert (diff > 0).float().mean() < 0.01
     else:
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, LM_HEAD_MAX_BATCH, LM_HEAD_MAX_BATCH + 1])
+def test_vocab_head_equals_one_matmul(rows):
+    # A vocabulary that is not a multiple of the block: the last block is partial.
+    vocab = 2 * LM_HEAD_ROWS + 123
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(vocab, 96, generator=g)
+    h = torch.randn(rows, 96, generator=g)
+    ref = (h.double() @ w.double().T).float()  # an independent reference: float64 accumulation
+    out = vocab_head(w)(h)
+    assert out.shape == (rows, vocab) and out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)

@@ -314,6 +314,33 @@ def _mock_transport(seen: list[dict]) -> httpx.MockTransport:
     return httpx.MockTransport(handler)
 
 
+def test_closed_loop_keeps_exactly_concurrency_requests_in_flight():
+    # Arrival times say "all 7 at once"; a closed loop of 3 streams must never have more than 3
+    # requests open, must reach 3, and must still send every request once.
+    in_flight, peak, seen = 0, 0, []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak
+        body = json.loads(request.content)
+        seen.append(body["prompt"])
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.02)
+        in_flight -= 1
+        return httpx.Response(200, content=_sse(2, usage=True), headers={"content-type": "text/event-stream"})
+
+    trace = [TraceItem(0.0, "lora-0000", (5,), 2, f"p{i}") for i in range(7)]
+    cfg = LoadTestConfig(workload=_workload(), concurrency=3, progress=False)
+    result = asyncio.run(run_load_test(cfg, trace, transport=httpx.MockTransport(handler)))
+    assert peak == 3 and sorted(seen) == [f"p{i}" for i in range(7)]
+    assert result["summary"]["completed"] == 7 and result["config"]["concurrency"] == 3
+    recs = sorted(result["requests"], key=lambda r: r["start_s"])
+    assert [r["index"] for r in recs[:3]] == [0, 1, 2]  # the streams take the trace in order
+    assert all(r["arrival_s"] == pytest.approx(r["start_s"], abs=0.01) for r in recs)  # no client lag
+    with pytest.raises(ValueError, match="concurrency"):
+        LoadTestConfig(workload=_workload(), concurrency=0)
+
+
 @pytest.mark.parametrize("prompt_format", ["text", "ids"])
 def test_run_load_test_against_mock(prompt_format):
     trace = [
@@ -559,3 +586,18 @@ def test_load_test_end_to_end(live_server, tmp_path):
     assert s["completed"] == 6 and not s["errors"], s["errors"]
     assert s["short_outputs"] == 0 and s["total_output_tokens"] == 6 * 8
     assert s["ttft_s"]["p50"] > 0 and s["slo_attainment"] == 1.0
+
+    # The scaling curve over the same server: a closed loop at 1 and 3 streams, then the plot.
+    import scaling
+
+    out = tmp_path / "scaling.json"
+    args = f"--base-url {live_server} --adapters {','.join(names)} --input-len 16 --output-len 4 --points 1 3"
+    scaling.main(
+        [*args.split(), "--per-stream", "2", "--min-requests", "2", "--label", "here", "--out", str(out)]
+    )
+    curve = json.loads(out.read_text())
+    assert [(p["streams"], p["requests"], p["completed"]) for p in curve["points"]] == [(1, 2, 2), (3, 6, 6)]
+    assert all(p["output_tok_per_s"] > 0 and p["ttft_p99_s"] >= p["ttft_p50_s"] > 0 for p in curve["points"])
+    pytest.importorskip("matplotlib")
+    scaling.main(["--plot", str(tmp_path / "scaling.png"), str(out), str(out)])
+    assert (tmp_path / "scaling.png").stat().st_size > 0

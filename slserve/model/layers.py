@@ -30,6 +30,33 @@ def dense(weight: torch.Tensor, bias: torch.Tensor | None = None):
     return lambda x: F.linear(x, weight, bias)
 
 
+LM_HEAD_ROWS = 4096  # vocabulary rows per matmul of the float32 CPU lm_head
+LM_HEAD_MAX_BATCH = 64  # above this, no gain in benchmarks/lm_head.py
+
+
+def vocab_head(weight: torch.Tensor):
+    """h -> h @ W^T for the lm_head, W [vocab, hidden]. On CPUs in float32 one matmul over all
+    of a 49k-row vocabulary runs at half the rate BLAS reaches on the decoder's projections (and
+    at a third of it for 2-8 rows): its [T, vocab] output leaves the cache while the weight
+    streams. Blocks of LM_HEAD_ROWS rows, each W_block @ h^T into its own rows of a [vocab, T]
+    buffer, keep every block's output in cache (benchmarks/RESULTS.md, "The lm_head"). One row
+    is a matrix-vector product bound by the weight's bytes either way, and stays one call, as do
+    more than LM_HEAD_MAX_BATCH rows, where the measured gain was within the machine's noise."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return dense(weight)
+
+    def head(h: torch.Tensor) -> torch.Tensor:
+        if not 2 <= h.shape[0] <= LM_HEAD_MAX_BATCH:
+            return F.linear(h, weight)
+        out = h.new_empty(weight.shape[0], h.shape[0])
+        ht = h.t()
+        for r0 in range(0, weight.shape[0], LM_HEAD_ROWS):
+            torch.mm(weight[r0 : r0 + LM_HEAD_ROWS], ht, out=out[r0 : r0 + LM_HEAD_ROWS])
+        return out.t().contiguous()
+
+    return head
+
+
 class Linear(nn.Module):
     """y = x @ W^T (+ b), plus the step's batched LoRA term for this (layer, group).
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from slserve.config import ModelConfig
 from slserve.memory.kv_cache import KVCache
-from slserve.model.layers import Linear, RMSNorm, Rotary, dense
+from slserve.model.layers import Linear, RMSNorm, Rotary, vocab_head
 from slserve.model.ops import CpuOps, TorchOps
 from slserve.model.quant import cat_weights
 from slserve.parallel import Collectives, Shard
@@ -87,7 +87,7 @@ class LlamaModel(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.finalize(device, cpu_ops)
-        self._lm_head = dense(self.lm_head.data)
+        self._lm_head = vocab_head(self.lm_head.data)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.shard.parallel:
