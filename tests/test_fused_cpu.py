@@ -12,7 +12,15 @@ from slserve.config import ModelConfig
 from slserve.kernels.cpu_ext import cpu_ops
 from slserve.memory.kv_cache import KVCache, kv_page_elems
 from slserve.memory.pool import allocate_storage
-from slserve.model.layers import LM_HEAD_MAX_BATCH, LM_HEAD_ROWS, RMSNorm, Rotary, vocab_head
+from slserve.model.layers import (
+    LM_HEAD_MAX_BATCH,
+    LM_HEAD_ROWS,
+    SMALL_ROWS,
+    RMSNorm,
+    Rotary,
+    dense,
+    vocab_head,
+)
 from slserve.model.ops import CpuOps, TorchOps
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -104,3 +112,16 @@ def test_vocab_head_equals_one_matmul(rows):
     out = vocab_head(w)(h)
     assert out.shape == (rows, vocab) and out.is_contiguous()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 2, 5, SMALL_ROWS, SMALL_ROWS + 1])
+def test_float32_dense_equals_a_float64_reference(rows, with_bias):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(300, 96, generator=g)
+    bias = torch.randn(300, generator=g) if with_bias else None
+    x = torch.randn(rows, 96, generator=g)
+    ref = x.double() @ w.double().T + (0 if bias is None else bias.double())
+    out = dense(w, bias)(x)
+    assert out.shape == (rows, 300) and out.is_contiguous()
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-4)

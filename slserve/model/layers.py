@@ -27,7 +27,26 @@ def dense(weight: torch.Tensor, bias: torch.Tensor | None = None):
     if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and cpu_has_native_bf16():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if weight.device.type == "cpu" and weight.dtype == torch.float32:
+        return _float32_cpu_dense(weight, bias)
     return lambda x: F.linear(x, weight, bias)
+
+
+SMALL_ROWS = 16  # up to this many rows a float32 CPU matmul runs as W @ x^T
+
+
+def _float32_cpu_dense(weight: torch.Tensor, bias: torch.Tensor | None):
+    """x @ W^T in float32 on a CPU. For 2-16 rows BLAS's x @ W^T took 1.3-2.8x as long as the
+    same product computed as W @ x^T (and as long as for 1 row), so decode steps of a few
+    requests run it that way (benchmarks/lm_head.py, "projections")."""
+
+    def matmul(x: torch.Tensor) -> torch.Tensor:
+        if not 2 <= x.shape[0] <= SMALL_ROWS:
+            return F.linear(x, weight, bias)
+        y = torch.mm(weight, x.t()).t().contiguous()
+        return y if bias is None else y.add_(bias)
+
+    return matmul
 
 
 LM_HEAD_ROWS = 4096  # vocabulary rows per matmul of the float32 CPU lm_head
@@ -39,7 +58,7 @@ def vocab_head(weight: torch.Tensor):
     of a 49k-row vocabulary runs at half the rate BLAS reaches on the decoder's projections (and
     at a third of it for 2-8 rows): its [T, vocab] output leaves the cache while the weight
     streams. Blocks of LM_HEAD_ROWS rows, each W_block @ h^T into its own rows of a [vocab, T]
-    buffer, keep every block's output in cache (benchmarks/RESULTS.md, "The lm_head"). One row
+    buffer, keep every block's output in cache (benchmarks/RESULTS.md, "Small-batch float32 matmuls"). One row
     is a matrix-vector product bound by the weight's bytes either way, and stays one call, as do
     more than LM_HEAD_MAX_BATCH rows, where the measured gain was within the machine's noise."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
