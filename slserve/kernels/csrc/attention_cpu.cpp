@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "bf16_simd.h"
@@ -33,44 +34,84 @@ float softmax_unnormalised(float* s, int64_t n) {
   return 1.f / sum;
 }
 
+// Rows of the cache as float32: float32 rows are read in place, others converted into `buf`.
 template <typename T>
-void decode_one(T* out, const T* q, int64_t q_head_stride, int64_t o_head_stride, const T* k_cache,
-                const T* v_cache, const int64_t* k_strides, const int64_t* v_strides, const int64_t* table,
-                int64_t ctx, int64_t page_tokens, int64_t kv_heads, int64_t group, int64_t head_dim,
-                float scale) {
-  // One token's K (or V) row holds every kv head back to back: convert it once, then serve all
-  // query heads from it, so the cache is walked once per sequence.
-  const int64_t heads = kv_heads * group, width = kv_heads * head_dim;
-  std::vector<float> qf(heads * head_dim), scores(heads * ctx), acc(heads * head_dim, 0.f), row(width);
+inline const float* float_row(const T* src, float* buf, int64_t n) {
+  slserve::to_float(src, buf, n);
+  return buf;
+}
+inline const float* float_row(const float* src, float*, int64_t) { return src; }
+
+// kD > 0 fixes head_dim at compile time (the common 64 and 128), so that every dot product and
+// row update below is unrolled into straight vector code; kD = 0 takes head_dim at run time.
+template <int64_t kD>
+inline float dot_d(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < (kD ? kD : n); ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <int64_t kD>
+inline void axpy_d(float* y, float a, const float* x, int64_t n) {
+  for (int64_t i = 0; i < (kD ? kD : n); ++i) y[i] += a * x[i];
+}
+
+template <typename T, int64_t kD>
+void decode_one_d(T* out, const T* q, int64_t q_head_stride, int64_t o_head_stride, const T* k_cache,
+                  const T* v_cache, const int64_t* k_strides, const int64_t* v_strides, const int64_t* table,
+                  int64_t ctx, int64_t page_tokens, int64_t kv_heads, int64_t group, int64_t head_dim,
+                  float scale) {
+  // One token's K (or V) row holds every kv head back to back: it is read once and serves all
+  // query heads, so the cache is walked once per sequence, a page at a time.
+  const int64_t D = kD ? kD : head_dim;
+  const int64_t heads = kv_heads * group, width = kv_heads * D;
+  std::vector<float> qf(heads * D), scores(heads * ctx), acc(heads * D, 0.f), buf(width);
   for (int64_t h = 0; h < heads; ++h) {
-    slserve::to_float(q + h * q_head_stride, qf.data() + h * head_dim, head_dim);
-    for (int64_t d = 0; d < head_dim; ++d) qf[h * head_dim + d] *= scale;
+    slserve::to_float(q + h * q_head_stride, qf.data() + h * D, D);
+    for (int64_t d = 0; d < D; ++d) qf[h * D + d] *= scale;
   }
-  for (int64_t i = 0; i < ctx; ++i) {
-    slserve::to_float(k_cache + table[i / page_tokens] * k_strides[0] + (i % page_tokens) * k_strides[1],
-                      row.data(), width);
-    for (int64_t h = 0; h < heads; ++h)
-      scores[h * ctx + i] = slserve::dot(qf.data() + h * head_dim, row.data() + (h / group) * head_dim, head_dim);
+  for (int64_t p0 = 0; p0 < ctx; p0 += page_tokens) {
+    const T* page = k_cache + table[p0 / page_tokens] * k_strides[0];
+    for (int64_t i = p0; i < std::min(ctx, p0 + page_tokens); ++i) {
+      const float* row = float_row(page + (i - p0) * k_strides[1], buf.data(), width);
+      for (int64_t h = 0; h < heads; ++h)
+        scores[h * ctx + i] = dot_d<kD>(qf.data() + h * D, row + (h / group) * D, D);
+    }
   }
   for (int64_t h = 0; h < heads; ++h) {
     float* sh = scores.data() + h * ctx;
     const float inv = softmax_unnormalised(sh, ctx);
     for (int64_t i = 0; i < ctx; ++i) sh[i] *= inv;
   }
-  for (int64_t i = 0; i < ctx; ++i) {
-    slserve::to_float(v_cache + table[i / page_tokens] * v_strides[0] + (i % page_tokens) * v_strides[1],
-                      row.data(), width);
-    for (int64_t h = 0; h < heads; ++h) {
-      const float p = scores[h * ctx + i];
-      const float* vr = row.data() + (h / group) * head_dim;
-      float* ah = acc.data() + h * head_dim;
-      for (int64_t d = 0; d < head_dim; ++d) ah[d] += p * vr[d];
+  for (int64_t p0 = 0; p0 < ctx; p0 += page_tokens) {
+    const T* page = v_cache + table[p0 / page_tokens] * v_strides[0];
+    for (int64_t i = p0; i < std::min(ctx, p0 + page_tokens); ++i) {
+      const float* row = float_row(page + (i - p0) * v_strides[1], buf.data(), width);
+      for (int64_t h = 0; h < heads; ++h)
+        axpy_d<kD>(acc.data() + h * D, scores[h * ctx + i], row + (h / group) * D, D);
     }
   }
   for (int64_t h = 0; h < heads; ++h) {
     T* oh = out + h * o_head_stride;
-    for (int64_t d = 0; d < head_dim; ++d) oh[d] = static_cast<T>(acc[h * head_dim + d]);
+    for (int64_t d = 0; d < D; ++d) oh[d] = static_cast<T>(acc[h * D + d]);
   }
+}
+
+template <typename T>
+void decode_one(T* out, const T* q, int64_t q_head_stride, int64_t o_head_stride, const T* k_cache,
+                const T* v_cache, const int64_t* k_strides, const int64_t* v_strides, const int64_t* table,
+                int64_t ctx, int64_t page_tokens, int64_t kv_heads, int64_t group, int64_t head_dim,
+                float scale) {
+  auto run = [&](auto fixed) {
+    decode_one_d<T, decltype(fixed)::value>(out, q, q_head_stride, o_head_stride, k_cache, v_cache, k_strides,
+                                           v_strides, table, ctx, page_tokens, kv_heads, group, head_dim, scale);
+  };
+  if (head_dim == 64)
+    run(std::integral_constant<int64_t, 64>{});
+  else if (head_dim == 128)
+    run(std::integral_constant<int64_t, 128>{});
+  else
+    run(std::integral_constant<int64_t, 0>{});
 }
 
 #if defined(__AVX512BF16__)
