@@ -34,14 +34,6 @@ float softmax_unnormalised(float* s, int64_t n) {
   return 1.f / sum;
 }
 
-// Rows of the cache as float32: float32 rows are read in place, others converted into `buf`.
-template <typename T>
-inline const float* float_row(const T* src, float* buf, int64_t n) {
-  slserve::to_float(src, buf, n);
-  return buf;
-}
-inline const float* float_row(const float* src, float*, int64_t) { return src; }
-
 // kD > 0 fixes head_dim at compile time (the common 64 and 128), so that every dot product and
 // row update below is unrolled into straight vector code; kD = 0 takes head_dim at run time.
 template <int64_t kD>
@@ -73,7 +65,7 @@ void decode_one_d(T* out, const T* q, int64_t q_head_stride, int64_t o_head_stri
   for (int64_t p0 = 0; p0 < ctx; p0 += page_tokens) {
     const T* page = k_cache + table[p0 / page_tokens] * k_strides[0];
     for (int64_t i = p0; i < std::min(ctx, p0 + page_tokens); ++i) {
-      const float* row = float_row(page + (i - p0) * k_strides[1], buf.data(), width);
+      const float* row = slserve::float_row(page + (i - p0) * k_strides[1], buf.data(), width);
       for (int64_t h = 0; h < heads; ++h)
         scores[h * ctx + i] = dot_d<kD>(qf.data() + h * D, row + (h / group) * D, D);
     }
@@ -86,7 +78,7 @@ void decode_one_d(T* out, const T* q, int64_t q_head_stride, int64_t o_head_stri
   for (int64_t p0 = 0; p0 < ctx; p0 += page_tokens) {
     const T* page = v_cache + table[p0 / page_tokens] * v_strides[0];
     for (int64_t i = p0; i < std::min(ctx, p0 + page_tokens); ++i) {
-      const float* row = float_row(page + (i - p0) * v_strides[1], buf.data(), width);
+      const float* row = slserve::float_row(page + (i - p0) * v_strides[1], buf.data(), width);
       for (int64_t h = 0; h < heads; ++h)
         axpy_d<kD>(acc.data() + h * D, scores[h * ctx + i], row + (h / group) * D, D);
     }

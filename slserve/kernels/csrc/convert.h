@@ -22,6 +22,14 @@ inline void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
 }
 
+// A row as float32: float32 rows are read in place, others converted into `buf`.
+template <typename T>
+inline const float* float_row(const T* src, float* buf, int64_t n) {
+  to_float(src, buf, n);
+  return buf;
+}
+inline const float* float_row(const float* src, float*, int64_t) { return src; }
+
 template <typename T>
 inline T round_to(float v) {
   return static_cast<T>(v);

@@ -71,28 +71,68 @@ Slot<T> read_slot(const int64_t* row, const T* pool) {
   return s;
 }
 
+// The matrices one piece reads, in order (A, each expand's B^T, then the next piece's A), as one
+// byte stream for software prefetching: the hardware prefetchers stall at the start of every one
+// of the thousands of small matrices a step reads, so each row fetches the bytes kAhead further
+// on, across matrix boundaries.
+constexpr int64_t kAhead = 4096;
+struct Stream {
+  const char* p[kMaxExpands + 2];
+  int64_t bytes[kMaxExpands + 2];
+  int n = 0;
+  void add(const void* ptr, int64_t b) {
+    p[n] = static_cast<const char*>(ptr);
+    bytes[n++] = b;
+  }
+  // Prefetch bytes [off, off + len) of the concatenation.
+  void prefetch(int64_t off, int64_t len) const {
+    for (int i = 0; i < n && len > 0; ++i) {
+      if (off >= bytes[i]) {
+        off -= bytes[i];
+        continue;
+      }
+      const int64_t take = std::min(len, bytes[i] - off);
+      for (int64_t b = 0; b < take; b += 64) __builtin_prefetch(p[i] + off + b);
+      len -= take;
+      off = 0;
+    }
+  }
+};
+
 template <typename T>
 void short_segment(const T* x, int64_t x_stride, int64_t n, T* y, int64_t y_stride, const Slot<T>& sl,
-                   const T* /*after: the next piece's A, for prefetching*/) {
+                   const T* after) {
   const T* a = sl.a;
   const int64_t rank = sl.rank, in = sl.in;
-  std::vector<float> xf(n * in);
+  Stream stream;
+  stream.add(a, rank * in * sizeof(T));
+  for (int e = 0; e < sl.n; ++e) stream.add(sl.bt[e], sl.r[e] * sl.out[e] * sizeof(T));
+  stream.add(after, kAhead);
+  // Scratch kept per thread across calls (the op runs thousands of times a step).
+  thread_local std::vector<float> xf, h, wbuf, acc;
+  xf.resize(n * in);
+  h.resize(n * rank);
   for (int64_t t = 0; t < n; ++t) slserve::to_float(x + t * x_stride, xf.data() + t * in, in);
-  std::vector<float> h(n * rank), af(in);
-  for (int64_t r = 0; r < rank; ++r) {
-    slserve::to_float(a + r * in, af.data(), in);
-    for (int64_t t = 0; t < n; ++t) h[t * rank + r] = slserve::dot(xf.data() + t * in, af.data(), in);
+  int64_t read = 0;  // bytes of the stream consumed so far
+  const int64_t a_row = in * sizeof(T);
+  wbuf.resize(in);
+  for (int64_t r = 0; r < rank; ++r, read += a_row) {
+    stream.prefetch(read + kAhead, a_row);
+    const float* ar = slserve::float_row(a + r * in, wbuf.data(), in);
+    for (int64_t t = 0; t < n; ++t) h[t * rank + r] = slserve::dot(xf.data() + t * in, ar, in);
   }
   for (int e = 0; e < sl.n; ++e) {
-    const int64_t out = sl.out[e];
-    std::vector<float> acc(n * out), bf(out);
+    const int64_t out = sl.out[e], b_row = out * sizeof(T);
+    acc.resize(n * out);
+    wbuf.resize(std::max<int64_t>(in, out));
     for (int64_t t = 0; t < n; ++t) slserve::to_float(y + t * y_stride + sl.y0[e], acc.data() + t * out, out);
-    for (int64_t r = 0; r < sl.r[e]; ++r) {
-      slserve::to_float(sl.bt[e] + r * out, bf.data(), out);
+    for (int64_t r = 0; r < sl.r[e]; ++r, read += b_row) {
+      stream.prefetch(read + kAhead, b_row);
+      const float* br = slserve::float_row(sl.bt[e] + r * out, wbuf.data(), out);
       for (int64_t t = 0; t < n; ++t) {
         const float hv = h[t * rank + sl.h0[e] + r];
         float* at = acc.data() + t * out;
-        for (int64_t j = 0; j < out; ++j) at[j] += hv * bf[j];
+        for (int64_t j = 0; j < out; ++j) at[j] += hv * br[j];
       }
     }
     for (int64_t t = 0; t < n; ++t) {
