@@ -99,7 +99,8 @@ def main() -> None:
         "lora_op_gb_s": lora_bytes / lora_per_step / 1e9, "sum_gb_s_same_bytes": stream / 1e9,
     }
     row["lora_over_base_throughput"] = row["base_step_ms"] / row["lora_step_ms"]
-    print(f"decode step, {args.batch} requests, 64-token prompts, bfloat16 "
+    dtype = str(engine.config.torch_dtype).removeprefix("torch.")
+    print(f"decode step, {args.batch} requests, 64-token prompts, {dtype} "
           f"({len(distinct)} distinct adapters of {len(names)} in the step)")
     print(f"{'':34} {'median step (ms)':>17} {'tok/s':>8}")
     for label, key in (("base model only", "base_step_ms"), (f"{len(names)} adapters", "lora_step_ms")):
@@ -107,7 +108,7 @@ def main() -> None:
     print(f"LoRA op: {row['lora_op_ms_per_step']:.1f} ms per step reading {lora_bytes / 2**20:.0f} MiB "
           f"of adapter weights = {row['lora_op_gb_s']:.1f} GB/s "
           f"(sum() over the same bytes: {row['sum_gb_s_same_bytes']:.1f} GB/s)")
-    write_json(args.out, {"args": vars(args), "result": row})
+    write_json(args.out, {"args": vars(args), "dtype": dtype, "result": row})
 
 
 if __name__ == "__main__":
