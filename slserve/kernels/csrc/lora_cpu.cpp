@@ -74,7 +74,8 @@ Slot<T> read_slot(const int64_t* row, const T* pool) {
 // The matrices one piece reads, in order (A, each expand's B^T, then the next piece's A), as one
 // byte stream for software prefetching: the hardware prefetchers stall at the start of every one
 // of the thousands of small matrices a step reads, so each row fetches the bytes kAhead further
-// on, across matrix boundaries.
+// on, across matrix boundaries. (A prefetch never faults, so the span after the next piece's A
+// may run past the end of the pool.)
 constexpr int64_t kAhead = 4096;
 struct Stream {
   const char* p[kMaxExpands + 2];
