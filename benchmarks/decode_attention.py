@@ -13,26 +13,15 @@ streams 512 MB from memory. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from bench_json import write_json
+from lora_ops import bench
 
 from slserve.kernels import cpu_ext
 from slserve.kernels.attention import build_attention_groups, paged_attention
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE, LAYERS = 9, 3, 64, 16, 30
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def case(batch: int, ctx_lo: int, ctx_hi: int, dtype: torch.dtype, reps: int, seed: int) -> dict:
@@ -54,8 +43,8 @@ def case(batch: int, ctx_lo: int, ctx_hi: int, dtype: torch.dtype, reps: int, se
     out_op = paged_attention(q, k_cache, v_cache, groups, scale, decode_op=op)
     out_torch = paged_attention(q, k_cache, v_cache, groups, scale)
     max_err = (out_op.float() - out_torch.float()).abs().max().item()
-    op_ms = median_ms(lambda: paged_attention(q, k_cache, v_cache, groups, scale, decode_op=op), reps)
-    torch_ms = median_ms(lambda: paged_attention(q, k_cache, v_cache, groups, scale), reps)
+    op_ms = 1e3 * bench(lambda: paged_attention(q, k_cache, v_cache, groups, scale, decode_op=op), reps)
+    torch_ms = 1e3 * bench(lambda: paged_attention(q, k_cache, v_cache, groups, scale), reps)
     kv_bytes = sum(ctx) * 2 * KV_HEADS * HEAD_DIM * pool.element_size()
     return {
         "batch": batch, "ctx": [ctx_lo, ctx_hi], "dtype": str(dtype).removeprefix("torch."),
@@ -68,7 +57,7 @@ def case(batch: int, ctx_lo: int, ctx_hi: int, dtype: torch.dtype, reps: int, se
 def stream_rate() -> float:
     """GB/s at which `sum()` streams 512 MB (well past any cache) on these cores."""
     big = torch.ones(128 << 20)
-    return big.numel() * 4 / median_ms(big.sum, 5) / 1e6
+    return big.numel() * 4 / bench(big.sum, 5) / 1e9
 
 
 def main() -> None:

@@ -34,27 +34,14 @@ float softmax_unnormalised(float* s, int64_t n) {
   return 1.f / sum;
 }
 
-// kD > 0 fixes head_dim at compile time (the common 64 and 128), so that every dot product and
-// row update below is unrolled into straight vector code; kD = 0 takes head_dim at run time.
-template <int64_t kD>
-inline float dot_d(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-  for (int64_t i = 0; i < (kD ? kD : n); ++i) s += a[i] * b[i];
-  return s;
-}
-
-template <int64_t kD>
-inline void axpy_d(float* y, float a, const float* x, int64_t n) {
-  for (int64_t i = 0; i < (kD ? kD : n); ++i) y[i] += a * x[i];
-}
-
 template <typename T, int64_t kD>
 void decode_one_d(T* out, const T* q, int64_t q_head_stride, int64_t o_head_stride, const T* k_cache,
                   const T* v_cache, const int64_t* k_strides, const int64_t* v_strides, const int64_t* table,
                   int64_t ctx, int64_t page_tokens, int64_t kv_heads, int64_t group, int64_t head_dim,
                   float scale) {
   // One token's K (or V) row holds every kv head back to back: it is read once and serves all
-  // query heads, so the cache is walked once per sequence, a page at a time.
+  // query heads, so the cache is walked once per sequence, a page at a time. kD > 0 fixes
+  // head_dim at compile time (the common 64 and 128); kD = 0 takes it at run time.
   const int64_t D = kD ? kD : head_dim;
   const int64_t heads = kv_heads * group, width = kv_heads * D;
   std::vector<float> qf(heads * D), scores(heads * ctx), acc(heads * D, 0.f), buf(width);
@@ -67,7 +54,7 @@ void decode_one_d(T* out, const T* q, int64_t q_head_stride, int64_t o_head_stri
     for (int64_t i = p0; i < std::min(ctx, p0 + page_tokens); ++i) {
       const float* row = slserve::float_row(page + (i - p0) * k_strides[1], buf.data(), width);
       for (int64_t h = 0; h < heads; ++h)
-        scores[h * ctx + i] = dot_d<kD>(qf.data() + h * D, row + (h / group) * D, D);
+        scores[h * ctx + i] = slserve::dot<kD>(qf.data() + h * D, row + (h / group) * D, D);
     }
   }
   for (int64_t h = 0; h < heads; ++h) {
@@ -80,7 +67,7 @@ void decode_one_d(T* out, const T* q, int64_t q_head_stride, int64_t o_head_stri
     for (int64_t i = p0; i < std::min(ctx, p0 + page_tokens); ++i) {
       const float* row = slserve::float_row(page + (i - p0) * v_strides[1], buf.data(), width);
       for (int64_t h = 0; h < heads; ++h)
-        axpy_d<kD>(acc.data() + h * D, scores[h * ctx + i], row + (h / group) * D, D);
+        slserve::axpy<kD>(acc.data() + h * D, scores[h * ctx + i], row + (h / group) * D, D);
     }
   }
   for (int64_t h = 0; h < heads; ++h) {

@@ -45,10 +45,19 @@ inline c10::BFloat16 round_to<c10::BFloat16>(float v) {
   return c10::BFloat16(bits, c10::BFloat16::from_bits());
 }
 
+// kN > 0 fixes the length at compile time (e.g. head_dim 64 or 128), so that the loop unrolls
+// into straight vector code; kN = 0 takes n at run time.
+template <int64_t kN = 0>
 inline float dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  for (int64_t i = 0; i < (kN ? kN : n); ++i) s += a[i] * b[i];
   return s;
+}
+
+// y += a * x
+template <int64_t kN = 0>
+inline void axpy(float* y, float a, const float* x, int64_t n) {
+  for (int64_t i = 0; i < (kN ? kN : n); ++i) y[i] += a * x[i];
 }
 
 // exp for x <= 0 (softmax after subtracting the max): 2^(x log2 e), the integer part in the

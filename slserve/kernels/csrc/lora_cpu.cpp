@@ -131,9 +131,7 @@ void short_segment(const T* x, int64_t x_stride, int64_t n, T* y, int64_t y_stri
       stream.prefetch(read + kAhead, b_row);
       const float* br = slserve::float_row(sl.bt[e] + r * out, wbuf.data(), out);
       for (int64_t t = 0; t < n; ++t) {
-        const float hv = h[t * rank + sl.h0[e] + r];
-        float* at = acc.data() + t * out;
-        for (int64_t j = 0; j < out; ++j) at[j] += hv * br[j];
+        slserve::axpy(acc.data() + t * out, h[t * rank + sl.h0[e] + r], br, out);
       }
     }
     for (int64_t t = 0; t < n; ++t) {
