@@ -12,6 +12,7 @@ rounds on one machine; checks that both sides give the same output. Prints table
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 from bench_json import write_json
 
 from slserve.model.layers import dense, vocab_head
+
+os.environ["SLSERVE_CPU_BLAS"] = "torch"  # this compares layouts under torch's BLAS; blas.py compares BLASes
 
 
 def per_call(fn, h: torch.Tensor, calls: int) -> float:

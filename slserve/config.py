@@ -36,6 +36,33 @@ def cpu_ext_disabled() -> bool:
     return os.environ.get("SLSERVE_NO_CPU_EXT", "").strip().lower() in ("1", "true", "yes")
 
 
+CPU_BLAS = ("auto", "openblas", "torch")
+
+
+def cpu_blas() -> str:
+    """SLSERVE_CPU_BLAS: which BLAS runs float32 CPU matmuls of two rows and more. "torch" is
+    torch's own (MKL); "openblas" is the scipy-openblas32 wheel; "auto" (the default) picks
+    OpenBLAS on AMD CPUs, where MKL's sgemm ran 1.1-1.6x slower, and torch's elsewhere."""
+    choice = os.environ.get("SLSERVE_CPU_BLAS", "").strip().lower() or "auto"
+    if choice not in CPU_BLAS:
+        raise ValueError(f"SLSERVE_CPU_BLAS={choice!r}: expected one of {', '.join(CPU_BLAS)}")
+    if choice == "auto":
+        return "openblas" if cpu_vendor() == "AuthenticAMD" else "torch"
+    return choice
+
+
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id (GenuineIntel, AuthenticAMD), or "" where there is none."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "vendor_id":
+                return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
 def cxx_compiler() -> str:
     """The C++ compiler torch's extension builder uses (CXX), part of the helpers' build key."""
     return os.environ.get("CXX", "c++")

@@ -9,6 +9,8 @@
   pass each (see slserve/model/ops.py).
 - `int8_linear`, `q4_linear`: quantized base projections (--quantization, slserve/model/quant.py)
   at decode row counts, reading a quarter (int8) or under a fifth (q4) of float32's weight bytes.
+- `openblas_linear`: float32 x @ W^T through OpenBLAS, loaded at run time, one single-threaded
+  sgemm per torch thread (SLSERVE_CPU_BLAS, see `float32_gemm`).
 
 If the compiler is missing, the engine falls back to the pure torch path (same results).
 
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from slserve.config import cpu_ext_disabled, cpu_march, cxx_compiler
+from slserve.config import cpu_blas, cpu_ext_disabled, cpu_march, cxx_compiler
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +81,33 @@ def cpu_ops():
 
         cflags = build_flags(cpu_march())
         load(name=extension_name(cflags), sources=[str(s) for s in SOURCES], is_python_module=False,
-             extra_cflags=cflags, verbose=False)
+             extra_cflags=cflags, extra_ldflags=["-ldl"], verbose=False)
         return torch.ops.slserve
     except Exception as exc:  # no compiler, no ninja, ...: the torch path is still correct
         logger.warning("C++ CPU helpers unavailable, using the pure torch path: %s", exc)
         return None
+
+
+@cache
+def float32_gemm():
+    """`gemm(out, x, w)`: out = x @ w^T in float32 through OpenBLAS, when SLSERVE_CPU_BLAS
+    chooses it (config.cpu_blas) and the helpers and the scipy-openblas32 wheel are both here;
+    None means torch's own matmul."""
+    if cpu_blas() != "openblas":
+        return None
+    ops = cpu_ops()
+    try:
+        import scipy_openblas32
+    except ImportError:
+        logger.warning("SLSERVE_CPU_BLAS chose OpenBLAS but scipy-openblas32 is not installed")
+        return None
+    if ops is None:
+        return None
+    lib = Path(scipy_openblas32.get_lib_dir()) / f"lib{scipy_openblas32.get_library()}.so"
+    if not ops.openblas_load(str(lib), "scipy_"):
+        logger.warning("could not load OpenBLAS from %s, using torch's matmul", lib)
+        return None
+    return ops.openblas_linear
 
 
 def lora_apply_op():

@@ -32,21 +32,38 @@ def dense(weight: torch.Tensor, bias: torch.Tensor | None = None):
     return lambda x: F.linear(x, weight, bias)
 
 
-SMALL_ROWS = 16  # up to this many rows a float32 CPU matmul runs as W @ x^T
+SMALL_ROWS = 16  # up to this many rows a float32 CPU matmul runs as W @ x^T (without OpenBLAS)
+BLAS_MIN_ROWS = 8  # from this many rows float32 CPU matmuls go to OpenBLAS where it was chosen
 
 
 def _float32_cpu_dense(weight: torch.Tensor, bias: torch.Tensor | None):
-    """x @ W^T in float32 on a CPU. For 2-16 rows BLAS's x @ W^T took 1.3-2.8x as long as the
-    same product computed as W @ x^T (and as long as for 1 row), so decode steps of a few
-    requests run it that way (benchmarks/lm_head.py, "projections")."""
+    """x @ W^T in float32 on a CPU. Where config.cpu_blas chose OpenBLAS, BLAS_MIN_ROWS rows and
+    more run through it (kernels/csrc/blas_cpu.cpp; benchmarks/blas.py). Below that, and with
+    torch's BLAS for up to SMALL_ROWS rows, the product is computed as W @ x^T: for 2-16 rows
+    BLAS's x @ W^T took 1.3-2.8x as long (and as long as for 1 row); benchmarks/lm_head.py,
+    "projections"."""
+    gemm = _blas_gemm(weight)
+    small = BLAS_MIN_ROWS - 1 if gemm is not None else SMALL_ROWS
 
     def matmul(x: torch.Tensor) -> torch.Tensor:
-        if not 2 <= x.shape[0] <= SMALL_ROWS:
+        rows = x.shape[0]
+        if gemm is not None and rows >= BLAS_MIN_ROWS and x.dim() == 2 and x.stride(1) == 1:
+            y = x.new_empty(rows, weight.shape[0])
+            gemm(y, x, weight)
+        elif 2 <= rows <= small:
+            y = torch.mm(weight, x.t()).t().contiguous()
+        else:
             return F.linear(x, weight, bias)
-        y = torch.mm(weight, x.t()).t().contiguous()
         return y if bias is None else y.add_(bias)
 
     return matmul
+
+
+def _blas_gemm(weight: torch.Tensor):
+    """The OpenBLAS gemm for this float32 CPU weight, or None for torch's matmul."""
+    from slserve.kernels.cpu_ext import float32_gemm
+
+    return float32_gemm() if weight.is_contiguous() else None
 
 
 LM_HEAD_ROWS = 4096  # vocabulary rows per matmul of the float32 CPU lm_head
@@ -55,19 +72,29 @@ LM_HEAD_MAX_BATCH = 64  # above this, no gain in benchmarks/lm_head.py
 
 def vocab_head(weight: torch.Tensor):
     """h -> h @ W^T for the lm_head, W [vocab, hidden]. On CPUs in float32 one matmul over all
-    of a 49k-row vocabulary runs at half the rate BLAS reaches on the decoder's projections (and
-    at a third of it for 2-8 rows): its [T, vocab] output leaves the cache while the weight
-    streams. Blocks of LM_HEAD_ROWS rows, each W_block @ h^T into its own rows of a [vocab, T]
-    buffer, keep every block's output in cache (benchmarks/RESULTS.md, "Small-batch float32 matmuls"). One row
-    is a matrix-vector product bound by the weight's bytes either way, and stays one call, as do
-    more than LM_HEAD_MAX_BATCH rows, where the measured gain was within the machine's noise."""
+    of a 49k-row vocabulary runs at half the rate torch's BLAS reaches on the decoder's
+    projections (and at a third of it for 2-8 rows): its [T, vocab] output leaves the cache while
+    the weight streams. Blocks of LM_HEAD_ROWS rows, each W_block @ h^T into its own rows of a
+    [vocab, T] buffer, keep every block's output in cache (benchmarks/RESULTS.md, "Small-batch
+    float32 matmuls"). One row is a matrix-vector product bound by the weight's bytes either way,
+    and stays one call, as do more than LM_HEAD_MAX_BATCH rows, where the measured gain was
+    within the machine's noise. Where OpenBLAS was chosen it takes BLAS_MIN_ROWS rows and more:
+    its threads each own a slice of the vocabulary, and it ran the head 1.3-2x as fast as either
+    torch variant from 8 rows up (benchmarks/blas.py)."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return dense(weight)
+    gemm = _blas_gemm(weight)
+    most = BLAS_MIN_ROWS - 1 if gemm is not None else LM_HEAD_MAX_BATCH
 
     def head(h: torch.Tensor) -> torch.Tensor:
-        if not 2 <= h.shape[0] <= LM_HEAD_MAX_BATCH:
+        rows = h.shape[0]
+        if gemm is not None and rows >= BLAS_MIN_ROWS and h.stride(1) == 1:
+            out = h.new_empty(rows, weight.shape[0])
+            gemm(out, h, weight)
+            return out
+        if not 2 <= rows <= most:
             return F.linear(h, weight)
-        out = h.new_empty(weight.shape[0], h.shape[0])
+        out = h.new_empty(weight.shape[0], rows)
         ht = h.t()
         for r0 in range(0, weight.shape[0], LM_HEAD_ROWS):
             torch.mm(weight[r0 : r0 + LM_HEAD_ROWS], ht, out=out[r0 : r0 + LM_HEAD_ROWS])
