@@ -25,6 +25,7 @@ from slserve.adapters.dora import BaseWeights
 from slserve.adapters.nested import nested_rank_problem, split_nested
 from slserve.adapters.peft_format import AdapterError
 from slserve.config import EngineConfig
+from slserve.kernels.cpu_ext import row_argmax_op
 from slserve.memory.adapter_pages import DeviceAdapterCache
 from slserve.memory.adapter_store import AdapterNotFoundError, AdapterStore
 from slserve.memory.kv_cache import KVBlocks, kv_page_elems
@@ -121,7 +122,8 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_ids = eos_ids
-        self.sampler = Sampler(config.seed, eos_ids)
+        cpu_loops = config.cpu_extension and torch.device(config.device).type == "cpu"
+        self.sampler = Sampler(config.seed, eos_ids, row_argmax_op() if cpu_loops else None)
         self.output_processor = OutputProcessor(self.tokenizer, eos_ids)
         self._grammars: Grammars | None = None
         self._grammars_lock = threading.Lock()

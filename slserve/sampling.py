@@ -25,17 +25,18 @@ from slserve.structured import fill_masks
 
 
 class Sampler:
-    def __init__(self, seed: int = 0, eos_token_ids: Iterable[int] = ()):
+    def __init__(self, seed: int = 0, eos_token_ids: Iterable[int] = (), row_argmax=None):
         self.generator = torch.Generator().manual_seed(seed)
         # Masked, with each request's stop_token_ids, until the request has min_tokens outputs.
         self.eos_token_ids = sorted(set(eos_token_ids))
+        self.row_argmax = row_argmax  # the C++ loop for float32 CPU logits (cpu_ext.row_argmax_op)
 
     def __call__(
         self, logits: torch.Tensor, requests: list[Request]
     ) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits: [R, vocab] float32, one row per request."""
         processed = self._process(logits, requests)
-        tokens = processed.argmax(dim=-1)
+        tokens = self._argmax(processed)
         rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if rows:
             idx = torch.tensor(rows, device=logits.device)
@@ -55,6 +56,12 @@ class Sampler:
                     top=list(zip(top_i[row, :n].tolist(), top_v[row, :n].tolist(), strict=True)),
                 )
         return token_list, logprobs
+
+    def _argmax(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.row_argmax is not None and x.device.type == "cpu" and x.dtype == torch.float32
+                and x.stride(-1) == 1 and x.shape[-1] > 0):
+            return self.row_argmax(x)
+        return x.argmax(dim=-1)
 
     def _process(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """The grammar mask, logit_bias, the min_tokens mask and the penalties, on a copy (logprobs

@@ -110,21 +110,17 @@ def blas_choice(monkeypatch):
     cpu_ext.float32_gemm.cache_clear()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("choice", ["torch", "openblas"])
-def test_greedy_decoding_with_each_blas_matches_transformers(blas_choice, choice, tmp_path):
-    """Eight prompts decoded together (decode steps of 8 rows, prefill chunks of hundreds) by
-    the real model, against transformers' own greedy generate in float32."""
+@pytest.fixture(scope="module")
+def greedy_reference():
+    """Eight prompts and transformers' own greedy continuations of them, in float32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from slserve.model.loader import resolve_model
 
-    assert (blas_choice(choice) is None) == (choice == "torch")
     path = str(resolve_model(None))
     tokenizer = AutoTokenizer.from_pretrained(path)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    text = "The printing press changed how books were made and read across Europe. " * 10
-    ids = tokenizer.encode(text)
+    ids = tokenizer.encode("The printing press changed how books were made and read across Europe. " * 10)
     prompts = [ids[: 3 + 23 * i] for i in range(8)]
     expected = []
     with torch.no_grad():
@@ -132,6 +128,16 @@ def test_greedy_decoding_with_each_blas_matches_transformers(blas_choice, choice
             gen = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                               max_new_tokens=16, do_sample=False)
             expected.append(gen[0, len(p):].tolist())
+    return prompts, expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("choice", ["torch", "openblas"])
+def test_greedy_decoding_with_each_blas_matches_transformers(blas_choice, greedy_reference, choice, tmp_path):
+    """The eight prompts decoded together (decode steps of 8 rows, prefill chunks of hundreds)
+    by the real model with each BLAS."""
+    assert (blas_choice(choice) is None) == (choice == "torch")
+    prompts, expected = greedy_reference
     llm = LLM(dtype="float32", pool_bytes=128 << 20, adapter_dir=str(tmp_path))
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16))
     assert [o.token_ids for o in outs] == expected

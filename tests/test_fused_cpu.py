@@ -125,3 +125,56 @@ def test_float32_dense_equals_a_float64_reference(rows, with_bias):
     out = dense(w, bias)(x)
     assert out.shape == (rows, 300) and out.is_contiguous()
     torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-4)
+
+
+def _rows_with_special_values(n: int) -> torch.Tensor:
+    """Rows whose argmax depends on ties, NaN, infinities and signed zeros, placed in and after
+    the vectorised part of the loop."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(10, n, generator=g)
+    last = n - 1
+    x[0, last] = x[0, 0] = x[0].max() + 1  # a tie: the first wins
+    x[1, n // 2] = float("nan")
+    x[1, last] = float("nan")  # two NaN: the first wins over everything
+    x[2] = float("-inf")  # all -inf: index 0
+    x[3] = 0.0
+    x[3, 0] = -0.0  # -0.0 == 0.0: index 0
+    x[4, last] = float("inf")
+    x[5, 1 % n] = float("inf")
+    x[5, last] = float("inf")
+    x[6, last] = float("nan")  # NaN in the scalar tail only
+    x[7, last] = x[7].max() + 1  # the maximum in the last element
+    x[8] = 1.0  # a constant row
+    x[9] = float("nan")
+    return x
+
+
+@pytest.mark.parametrize("n", [1, 7, 31, 32, 33, 100, 4099])
+def test_row_argmax_equals_torch(n):
+    op = cpu_ops().row_argmax
+    x = _rows_with_special_values(n)
+    assert torch.equal(op(x), x.argmax(dim=-1))
+    wide = torch.randn(5, n + 13)
+    view = wide[:, 5 : 5 + n]  # rows further apart than their length
+    assert torch.equal(op(view), view.argmax(dim=-1))
+    logits = torch.randn(128, 49152, generator=torch.Generator().manual_seed(n))
+    assert torch.equal(op(logits), logits.argmax(dim=-1))
+
+
+def test_sampler_uses_row_argmax_for_greedy_rows():
+    from slserve.request import Request
+    from slserve.sampling import Sampler
+    from slserve.sampling_params import SamplingParams
+
+    calls = []
+    op = cpu_ops().row_argmax
+
+    def counted(x):
+        calls.append(x.shape)
+        return op(x)
+
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(3))
+    reqs = [Request(f"r{i}", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4)) for i in range(6)]
+    tokens, _ = Sampler(row_argmax=counted)(logits, reqs)
+    assert calls == [(6, 1000)]
+    assert tokens == logits.argmax(dim=-1).tolist() == Sampler()(logits, reqs)[0]

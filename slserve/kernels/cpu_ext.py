@@ -6,7 +6,8 @@
 - `paged_decode_attention`: one query per sequence, reading K/V in place through the block
   table, instead of gathering the cache and running tiny batched matmuls.
 - `add_rms_norm`, `rotary_write_kv`, `silu_mul`: the element-wise steps of a decoder layer, one
-  pass each (see slserve/model/ops.py).
+  pass each (see slserve/model/ops.py); `row_argmax`: greedy sampling's argmax over float32
+  logits, vectorised (torch's is a scalar loop).
 - `int8_linear`, `q4_linear`: quantized base projections (--quantization, slserve/model/quant.py)
   at decode row counts, reading a quarter (int8) or under a fifth (q4) of float32's weight bytes.
 - `openblas_linear`: float32 x @ W^T through OpenBLAS, loaded at run time, one single-threaded
@@ -108,6 +109,11 @@ def float32_gemm():
         logger.warning("could not load OpenBLAS from %s, using torch's matmul", lib)
         return None
     return ops.openblas_linear
+
+
+def row_argmax_op():
+    ops = cpu_ops()
+    return None if ops is None else ops.row_argmax
 
 
 def lora_apply_op():
