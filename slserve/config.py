@@ -40,7 +40,7 @@ CPU_BLAS = ("auto", "openblas", "torch")
 
 
 def cpu_blas() -> str:
-    """SLSERVE_CPU_BLAS: which BLAS runs float32 CPU matmuls of two rows and more. "torch" is
+    """SLSERVE_CPU_BLAS: which BLAS runs float32 CPU matmuls of 8 rows and more. "torch" is
     torch's own (MKL); "openblas" is the scipy-openblas32 wheel; "auto" (the default) picks
     OpenBLAS on AMD CPUs, where MKL's sgemm ran 1.1-1.6x slower, and torch's elsewhere."""
     choice = os.environ.get("SLSERVE_CPU_BLAS", "").strip().lower() or "auto"

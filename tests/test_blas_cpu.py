@@ -4,8 +4,6 @@ choice of BLAS, and greedy decoding with each BLAS against transformers."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -21,11 +19,9 @@ pytestmark = pytest.mark.skipif(ops is None, reason="C++ CPU helpers not built h
 @pytest.fixture(scope="module")
 def gemm():
     """The OpenBLAS op, loaded whatever this CPU's vendor (auto may not choose it here)."""
-    import scipy_openblas32
-
-    lib = Path(scipy_openblas32.get_lib_dir()) / f"lib{scipy_openblas32.get_library()}.so"
-    assert ops.openblas_load(str(lib), "scipy_")
-    return ops.openblas_linear
+    op = cpu_ext.openblas_linear_op()
+    assert op is not None, "scipy-openblas32 is a dependency: it must load here"
+    return op
 
 
 def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

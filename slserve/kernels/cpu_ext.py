@@ -92,17 +92,20 @@ def cpu_ops():
 @cache
 def float32_gemm():
     """`gemm(out, x, w)`: out = x @ w^T in float32 through OpenBLAS, when SLSERVE_CPU_BLAS
-    chooses it (config.cpu_blas) and the helpers and the scipy-openblas32 wheel are both here;
-    None means torch's own matmul."""
-    if cpu_blas() != "openblas":
-        return None
+    chooses it (config.cpu_blas); None means torch's own matmul."""
+    return openblas_linear_op() if cpu_blas() == "openblas" else None
+
+
+def openblas_linear_op():
+    """The OpenBLAS matmul, whatever SLSERVE_CPU_BLAS says, or None when the helpers or the
+    scipy-openblas32 wheel are missing or the library does not load."""
     ops = cpu_ops()
+    if ops is None:
+        return None
     try:
         import scipy_openblas32
     except ImportError:
-        logger.warning("SLSERVE_CPU_BLAS chose OpenBLAS but scipy-openblas32 is not installed")
-        return None
-    if ops is None:
+        logger.warning("OpenBLAS was chosen but scipy-openblas32 is not installed")
         return None
     lib = Path(scipy_openblas32.get_lib_dir()) / f"lib{scipy_openblas32.get_library()}.so"
     if not ops.openblas_load(str(lib), "scipy_"):

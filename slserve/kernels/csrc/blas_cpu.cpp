@@ -57,7 +57,7 @@ void openblas_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& w) 
   float* op = out.data_ptr<float>();
   const int64_t lda = std::max<int64_t>(x.stride(0), k);
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 16));
-  const int64_t block = (n / threads + 15) / 16 * 16;
+  const int64_t block = ((n + threads - 1) / threads + 15) / 16 * 16;  // at most `threads` blocks
   const int64_t blocks = (n + block - 1) / block;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
