@@ -9,14 +9,14 @@ from slserve.kernels.cpu_ext import lora_apply_op
 from slserve.kernels.lora import apply_lora, lora_expand, lora_shrink, slot_row
 
 
-def _case(seed: int, seg_lens: list[int], ranks: list[int], outs: tuple[int, ...], dtype, gap_rows: int = 3):
+def _case(seed: int, seg_lens: list[int], ranks: list[int], outs: tuple[int, ...], dtype, gap_rows: int = 3,
+          n_in: int = 48):
     """Segments separated by `gap_rows` tokens that use no adapter; fused modules per segment.
 
     The weights sit in one flat pool between NaN gaps (a read outside a matrix shows up in y), in
     the slot-table layout the engine uses. Returns x, y, the op's (pool, bounds, slots) and the
     same weights as plain matrices for the naive reference."""
     g = torch.Generator().manual_seed(seed)
-    n_in = 48
     parts, cursor = [], 0
 
     def place(t: torch.Tensor) -> int:
@@ -68,6 +68,7 @@ CASES = [
     ([1] * 32, [1, 8, 16, 64] * 8, (16, 16)),  # 32 adapters, one token each
     ([5, 33, 2], [16, 16, 1], (48, 128)),
     ([7, 13, 1, 4], [3, 5, 64, 2], (20, 7, 33)),  # widths and ranks off the vector and unroll sizes
+    ([2, 9, 3], [4, 7, 1], (13, 40), 43),  # in_features off the vector width too
 ]
 
 
@@ -75,8 +76,8 @@ CASES = [
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("path", ["python", "cpp"])
 def test_cpu_lora_matches_naive(path, case, dtype):
-    seg_lens, ranks, outs = CASES[case]
-    x, y, op_args, plain = _case(case, seg_lens, ranks, outs, dtype)
+    seg_lens, ranks, outs, *n_in = CASES[case]
+    x, y, op_args, plain = _case(case, seg_lens, ranks, outs, dtype, n_in=n_in[0] if n_in else 48)
     expected = _naive(x, y, plain)
     if path == "cpp":
         op = lora_apply_op()

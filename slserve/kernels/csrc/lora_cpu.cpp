@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "bf16_simd.h"
@@ -100,6 +101,112 @@ struct Stream {
   }
 };
 
+// Eight floats as one value: a 256-bit register with AVX, two SSE registers on older targets (the
+// compiler lowers it), so one loop serves every build.
+typedef float Vec8 __attribute__((vector_size(32)));
+inline Vec8 load8(const float* p) {
+  Vec8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline float sum8(Vec8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+// out[b * NT + i] = w[b] . x[i] for RB weight rows and NT tokens, in RB * NT independent
+// accumulators: one running sum would wait on the previous multiply-add at every step, a
+// latency-bound chain several times slower than the memory the rows stream from.
+template <int RB, int NT>
+inline void dots(const float* const* w, const float* const* x, int64_t in, float* out) {
+  Vec8 acc[RB][NT] = {};
+  int64_t k = 0;
+  for (; k + 8 <= in; k += 8) {
+    Vec8 xv[NT];
+    for (int i = 0; i < NT; ++i) xv[i] = load8(x[i] + k);
+    for (int b = 0; b < RB; ++b) {
+      const Vec8 wv = load8(w[b] + k);
+      for (int i = 0; i < NT; ++i) acc[b][i] += wv * xv[i];
+    }
+  }
+  for (int b = 0; b < RB; ++b)
+    for (int i = 0; i < NT; ++i) {
+      float s = sum8(acc[b][i]);
+      for (int64_t j = k; j < in; ++j) s += w[b][j] * x[i][j];
+      out[b * NT + i] = s;
+    }
+}
+
+// h[t, r0 + b] = A[r0 + b] . x[t] for RB rows of A and every token (two at a time).
+template <int RB>
+inline void shrink_rows(const float* const* w, const float* xf, int64_t n, int64_t in, float* h, int64_t rank,
+                        int64_t r0) {
+  float out[RB * 2];
+  int64_t t = 0;
+  for (; t + 2 <= n; t += 2) {
+    const float* x[2] = {xf + t * in, xf + (t + 1) * in};
+    dots<RB, 2>(w, x, in, out);
+    for (int b = 0; b < RB; ++b) {
+      h[t * rank + r0 + b] = out[b * 2];
+      h[(t + 1) * rank + r0 + b] = out[b * 2 + 1];
+    }
+  }
+  if (t < n) {
+    const float* x[1] = {xf + t * in};
+    dots<RB, 1>(w, x, in, out);
+    for (int b = 0; b < RB; ++b) h[t * rank + r0 + b] = out[b];
+  }
+}
+
+// acc[t] += sum_b h[t, b] * w[b] for RB rows of B^T, two tokens per pass: each pass over the
+// weight rows (from L1) updates two accumulator rows, RB multiply-adds per accumulator load.
+template <int RB>
+inline void expand_rows(const float* const* w, const float* h, int64_t h_stride, int64_t n, float* acc, int64_t out) {
+  int64_t t = 0;
+  for (; t + 2 <= n; t += 2) {
+    float c0[RB], c1[RB];
+    for (int b = 0; b < RB; ++b) {
+      c0[b] = h[t * h_stride + b];
+      c1[b] = h[(t + 1) * h_stride + b];
+    }
+    float* a0 = acc + t * out;
+    float* a1 = a0 + out;
+    for (int64_t j = 0; j < out; ++j) {
+      float s0 = a0[j], s1 = a1[j];
+      for (int b = 0; b < RB; ++b) {
+        s0 += c0[b] * w[b][j];
+        s1 += c1[b] * w[b][j];
+      }
+      a0[j] = s0;
+      a1[j] = s1;
+    }
+  }
+  if (t < n) {
+    float c[RB];
+    for (int b = 0; b < RB; ++b) c[b] = h[t * h_stride + b];
+    float* at = acc + t * out;
+    for (int64_t j = 0; j < out; ++j) {
+      float s = at[j];
+      for (int b = 0; b < RB; ++b) s += c[b] * w[b][j];
+      at[j] = s;
+    }
+  }
+}
+
+// Rows of a weight matrix in blocks of up to four: each block's rows as float32 (in place for
+// float32, converted into `buf` otherwise), with the stream prefetched ahead of them.
+constexpr int kRowBlock = 4;
+template <typename T, typename F>
+void row_blocks(const T* m, int64_t rows, int64_t width, float* buf, const Stream& stream, int64_t& read, F&& f) {
+  const int64_t row_bytes = width * sizeof(T);
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+    const int nb = static_cast<int>(std::min<int64_t>(kRowBlock, rows - r0));
+    const float* w[kRowBlock];
+    for (int b = 0; b < nb; ++b, read += row_bytes) {
+      stream.prefetch(read + kAhead, row_bytes);
+      w[b] = slserve::float_row(m + (r0 + b) * width, buf + b * width, width);
+    }
+    f(w, r0, nb);
+  }
+}
+
 template <typename T>
 void short_segment(const T* x, int64_t x_stride, int64_t n, T* y, int64_t y_stride, const Slot<T>& sl,
                    const T* after) {
@@ -115,25 +222,29 @@ void short_segment(const T* x, int64_t x_stride, int64_t n, T* y, int64_t y_stri
   h.resize(n * rank);
   for (int64_t t = 0; t < n; ++t) slserve::to_float(x + t * x_stride, xf.data() + t * in, in);
   int64_t read = 0;  // bytes of the stream consumed so far
-  const int64_t a_row = in * sizeof(T);
-  wbuf.resize(in);
-  for (int64_t r = 0; r < rank; ++r, read += a_row) {
-    stream.prefetch(read + kAhead, a_row);
-    const float* ar = slserve::float_row(a + r * in, wbuf.data(), in);
-    for (int64_t t = 0; t < n; ++t) h[t * rank + r] = slserve::dot(xf.data() + t * in, ar, in);
-  }
-  for (int e = 0; e < sl.n; ++e) {
-    const int64_t out = sl.out[e], b_row = out * sizeof(T);
-    acc.resize(n * out);
-    wbuf.resize(std::max<int64_t>(in, out));
-    for (int64_t t = 0; t < n; ++t) slserve::to_float(y + t * y_stride + sl.y0[e], acc.data() + t * out, out);
-    for (int64_t r = 0; r < sl.r[e]; ++r, read += b_row) {
-      stream.prefetch(read + kAhead, b_row);
-      const float* br = slserve::float_row(sl.bt[e] + r * out, wbuf.data(), out);
-      for (int64_t t = 0; t < n; ++t) {
-        slserve::axpy(acc.data() + t * out, h[t * rank + sl.h0[e] + r], br, out);
-      }
+  wbuf.resize(kRowBlock * in);
+  row_blocks(a, rank, in, wbuf.data(), stream, read, [&](const float* const* w, int64_t r0, int nb) {
+    switch (nb) {
+      case 4: shrink_rows<4>(w, xf.data(), n, in, h.data(), rank, r0); break;
+      case 3: shrink_rows<3>(w, xf.data(), n, in, h.data(), rank, r0); break;
+      case 2: shrink_rows<2>(w, xf.data(), n, in, h.data(), rank, r0); break;
+      default: shrink_rows<1>(w, xf.data(), n, in, h.data(), rank, r0); break;
     }
+  });
+  for (int e = 0; e < sl.n; ++e) {
+    const int64_t out = sl.out[e];
+    acc.resize(n * out);
+    wbuf.resize(kRowBlock * std::max<int64_t>(in, out));
+    for (int64_t t = 0; t < n; ++t) slserve::to_float(y + t * y_stride + sl.y0[e], acc.data() + t * out, out);
+    row_blocks(sl.bt[e], sl.r[e], out, wbuf.data(), stream, read, [&](const float* const* w, int64_t r0, int nb) {
+      const float* hr = h.data() + sl.h0[e] + r0;
+      switch (nb) {
+        case 4: expand_rows<4>(w, hr, rank, n, acc.data(), out); break;
+        case 3: expand_rows<3>(w, hr, rank, n, acc.data(), out); break;
+        case 2: expand_rows<2>(w, hr, rank, n, acc.data(), out); break;
+        default: expand_rows<1>(w, hr, rank, n, acc.data(), out); break;
+      }
+    });
     for (int64_t t = 0; t < n; ++t) {
       T* yt = y + t * y_stride + sl.y0[e];
       for (int64_t j = 0; j < out; ++j) yt[j] = static_cast<T>(acc[t * out + j]);
