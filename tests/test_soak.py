@@ -38,11 +38,11 @@ SEED = 15
 NUM_ADAPTERS = 200  # resident on disk from the start
 NUM_CHURN = 12  # uploaded, replaced and deleted while requests use them
 NUM_REQUESTS = 2000
-CONCURRENCY = 32
+CONCURRENCY = 64
 CANCEL_FRACTION = 0.25  # of streams: the client closes the connection mid-stream
 # Resident memory after the second half may exceed that after the first half by at most this much.
 RSS_BOUND_MIB = 48
-FLAGS = ("--pool-mib", "96", "--host-cache-mib", "24", "--max-num-seqs", "32")
+FLAGS = ("--pool-mib", "96", "--host-cache-mib", "24", "--max-num-seqs", "64")
 BASE = "SmolLM2-135M-Instruct"
 WORDS = "the a cat dog sat ran on under blue green river stone light quiet".split()
 
