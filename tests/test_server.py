@@ -63,10 +63,11 @@ class ServerProcess:
     """`python -m slserve.cli serve` in a subprocess; /health is polled from the moment it starts,
     so `health_codes` shows what a client saw while the model loaded."""
 
-    def __init__(self, adapter_dir: Path, log_path: Path, *flags: str) -> None:
+    def __init__(self, adapter_dir: Path, log_path: Path, *flags: str, threads: int = THREADS) -> None:
         self.adapter_dir = adapter_dir
         self.log_path = log_path
         self.flags = flags
+        self.threads = threads
         self.proc: subprocess.Popen | None = None
         self.health_codes: list[int] = []
         self._ready = threading.Event()
@@ -79,7 +80,7 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "slserve.cli", "serve", "--port", str(self.port),
                "--adapter-dir", str(self.adapter_dir), *SERVER_FLAGS, *self.flags]
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it until it exits
-        env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         threading.Thread(target=self._poll_health, daemon=True).start()

@@ -288,7 +288,8 @@ def _kv_pages(url: str) -> float:
 
 def test_soak(adapters, tmp_path):
     served, uploads = adapters
-    server = ServerProcess(served, tmp_path / "server.log", *FLAGS)
+    # Both cores for the server: the client here is light, and the engine's steps are the soak's time.
+    server = ServerProcess(served, tmp_path / "server.log", *FLAGS, threads=2)
     server.start()
     try:
         server.wait_ready()
