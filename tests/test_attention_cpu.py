@@ -38,6 +38,8 @@ CASES = [
     ([1] * 12, list(range(3, 39, 3)), 8, 1),  # many decodes, MQA
     ([1] * 5, [1, 2, 17, 64, 93], 9, 3, 64),  # head_dim 64 (the vectorised bfloat16 loop), odd lengths
     ([1, 1, 4], [33, 8, 12], 4, 2, 128),  # head_dim 128
+    ([1] * 4, [16, 32, 15, 47], 12, 2, 64),  # group 6: query heads in two register sets; 16-token edges
+    ([1, 1], [16, 31], 6, 2, 128),  # head_dim 128, group 3 over register sets of two heads
 ]
 
 

@@ -94,67 +94,134 @@ void decode_one(T* out, const T* q, int64_t q_head_stride, int64_t o_head_stride
 }
 
 #if defined(__AVX512BF16__)
-// bfloat16 with head_dim a multiple of 32 (see bf16_simd.h); other head sizes take the loop above.
-// Scores: per key token, each kv head's key row meets its query heads in vdpbf16ps dot products.
+// bfloat16 with head_dim 64 or 128 (see bf16_simd.h); other head sizes take the loop above.
+using namespace slserve::bf16;
+
+// Lane t of the result: the sum of the 16 lanes of acc[t] (16 horizontal sums in 15 shuffle-add
+// steps instead of 16 separate reductions).
+inline __m512 sum16(const __m512* acc) {
+  __m512 x[8], z[4], w[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * i], acc[2 * i + 1]),
+                         _mm512_unpackhi_ps(acc[2 * i], acc[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per 128-bit lane: that lane's sums of tokens 4i .. 4i + 3
+    z[i] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 2; ++i)
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(z[2 * i], z[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(z[2 * i], z[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// kB = head_dim / 32 column blocks.
+// Scores: 16 tokens at a time per query head, the head's query in registers against each token's
+// key row of its kv head (vdpbf16ps), the 16 sums reduced together.
 // Output: the softmax weights rounded to bfloat16 (as the torch path's bfloat16 matmul rounds
-// them) and paired over consecutive tokens, against those tokens' value rows interleaved, all
-// accumulators of one kv head's query heads updated per token pair.
+// them) and paired over consecutive tokens, against those tokens' value rows interleaved; per kv
+// head one pass over the token pairs updates all column blocks of (up to) kGroup query heads.
+template <int kB>
+void decode_one_bf16(c10::BFloat16* out, const c10::BFloat16* q, int64_t q_head_stride, int64_t o_head_stride,
+                     const c10::BFloat16* k_cache, const c10::BFloat16* v_cache, const int64_t* k_strides,
+                     const int64_t* v_strides, const int64_t* table, int64_t ctx, int64_t page_tokens,
+                     int64_t kv_heads, int64_t group, float scale) {
+  constexpr int64_t D = 32 * kB;
+  const int64_t heads = kv_heads * group, pairs = (ctx + 1) / 2, padded = (ctx + 15) / 16 * 16;
+  // Each token's K and V rows, resolved once, so that the loops never divide by the page size.
+  // Rows past the context (the value pass pairs an odd last token; the score pass runs in 16s)
+  // point at a zero row.
+  thread_local std::vector<const c10::BFloat16*> krows, vrows;
+  thread_local std::vector<float> scores;
+  thread_local std::vector<uint32_t> p;
+  thread_local std::vector<c10::BFloat16> zero_row;
+  krows.resize(padded);
+  vrows.resize(2 * pairs);
+  scores.resize(heads * padded);
+  p.resize(heads * pairs);
+  if (zero_row.size() < static_cast<size_t>(kv_heads * D)) zero_row.assign(kv_heads * D, c10::BFloat16(0.f));
+  for (int64_t i = 0; i < ctx; ++i) {
+    const int64_t page = table[i / page_tokens], slot = i % page_tokens;
+    krows[i] = k_cache + page * k_strides[0] + slot * k_strides[1];
+    vrows[i] = v_cache + page * v_strides[0] + slot * v_strides[1];
+  }
+  const int64_t row_bytes = kv_heads * D * static_cast<int64_t>(sizeof(c10::BFloat16));
+  for (int64_t i = 0; i < std::min<int64_t>(16, ctx); ++i)  // the first key rows (the loop asks 16 ahead)
+    for (int64_t c = 0; c < row_bytes; c += 64) prefetch(reinterpret_cast<const char*>(krows[i]) + c);
+  for (int64_t i = ctx; i < padded; ++i) krows[i] = zero_row.data();
+  if (ctx % 2) vrows[ctx] = zero_row.data();
+
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t t0 = 0; t0 < padded; t0 += 16) {
+    // Ask for the next 16 tokens' key rows and these tokens' value rows (the value pass comes
+    // after the softmax): rows sit in pages scattered over the pool, and the hardware prefetcher
+    // stops at every page boundary.
+    for (int64_t i = t0; i < std::min(t0 + 16, ctx); ++i)
+      for (int64_t c = 0; c < row_bytes; c += 64) {
+        if (i + 16 < ctx) prefetch(reinterpret_cast<const char*>(krows[i + 16]) + c);
+        prefetch(reinterpret_cast<const char*>(vrows[i]) + c);
+      }
+    for (int64_t h = 0; h < heads; ++h) {
+      __m512bh qv[kB];
+      for (int b = 0; b < kB; ++b) qv[b] = bh(_mm512_loadu_si512(q + h * q_head_stride + 32 * b));
+      const int64_t col = (h / group) * D;
+      __m512 acc[16];
+      for (int t = 0; t < 16; ++t) {
+        const c10::BFloat16* kh = krows[t0 + t] + col;
+        acc[t] = _mm512_dpbf16_ps(_mm512_setzero_ps(), bh(_mm512_loadu_si512(kh)), qv[0]);
+        for (int b = 1; b < kB; ++b) acc[t] = _mm512_dpbf16_ps(acc[t], bh(_mm512_loadu_si512(kh + 32 * b)), qv[b]);
+      }
+      _mm512_storeu_ps(scores.data() + h * padded + t0, _mm512_mul_ps(sum16(acc), vscale));
+    }
+  }
+  // Each head's weights rounded to bfloat16 in token order: as 32-bit words, exactly the pairs
+  // (token 2j, token 2j + 1) that the value pass broadcasts (a zero after an odd last token).
+  for (int64_t h = 0; h < heads; ++h) {
+    float* sh = scores.data() + h * padded;
+    const __m512 inv = _mm512_set1_ps(softmax_unnormalised(sh, ctx));
+    auto* ph = reinterpret_cast<uint16_t*>(p.data() + h * pairs);
+    for (int64_t i = 0; i < 2 * pairs; i += 16) {
+      const __mmask16 load = i + 16 <= ctx ? __mmask16(0xffff) : __mmask16((1u << (ctx - i)) - 1);
+      const __mmask16 store = i + 16 <= 2 * pairs ? __mmask16(0xffff) : __mmask16((1u << (2 * pairs - i)) - 1);
+      const __m256bh v = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_loadu_ps(load, sh + i), inv));
+      _mm256_mask_storeu_epi16(ph + i, store, reinterpret_cast<__m256i>(v));
+    }
+  }
+  constexpr int64_t kGroup = 8 / kB;  // accumulators: kGroup x kB x 2 registers
+  for (int64_t kvh = 0; kvh < kv_heads; ++kvh)
+    for (int64_t g0 = 0; g0 < group; g0 += kGroup) {
+      const int64_t ng = std::min(kGroup, group - g0);
+      const uint32_t* ph = p.data() + (kvh * group + g0) * pairs;
+      __m512 lo[kGroup][kB], hi[kGroup][kB];
+      for (int g = 0; g < kGroup; ++g)
+        for (int b = 0; b < kB; ++b) lo[g][b] = hi[g][b] = _mm512_setzero_ps();
+      const int64_t col = kvh * D;
+      for (int64_t j = 0; j < pairs; ++j) {
+        const c10::BFloat16 *v0 = vrows[2 * j] + col, *v1 = vrows[2 * j + 1] + col;
+        for (int b = 0; b < kB; ++b) {
+          const Pairs w(_mm512_loadu_si512(v0 + 32 * b), _mm512_loadu_si512(v1 + 32 * b));
+          for (int g = 0; g < kGroup; ++g)
+            if (g < ng) madd_pair(w, _mm512_set1_epi32(static_cast<int32_t>(ph[g * pairs + j])), lo[g][b], hi[g][b]);
+        }
+      }
+      for (int g = 0; g < ng; ++g)
+        for (int b = 0; b < kB; ++b)
+          store_pairs(out + (kvh * group + g0 + g) * o_head_stride + 32 * b, ~__mmask32(0), lo[g][b], hi[g][b]);
+    }
+}
+
 void decode_one(c10::BFloat16* out, const c10::BFloat16* q, int64_t q_head_stride, int64_t o_head_stride,
                 const c10::BFloat16* k_cache, const c10::BFloat16* v_cache, const int64_t* k_strides,
                 const int64_t* v_strides, const int64_t* table, int64_t ctx, int64_t page_tokens, int64_t kv_heads,
                 int64_t group, int64_t head_dim, float scale) {
-  if (head_dim % 32 != 0) {
+  if (head_dim == 64)
+    decode_one_bf16<2>(out, q, q_head_stride, o_head_stride, k_cache, v_cache, k_strides, v_strides, table, ctx,
+                       page_tokens, kv_heads, group, scale);
+  else if (head_dim == 128)
+    decode_one_bf16<4>(out, q, q_head_stride, o_head_stride, k_cache, v_cache, k_strides, v_strides, table, ctx,
+                       page_tokens, kv_heads, group, scale);
+  else
     decode_one<c10::BFloat16>(out, q, q_head_stride, o_head_stride, k_cache, v_cache, k_strides, v_strides, table,
                               ctx, page_tokens, kv_heads, group, head_dim, scale);
-    return;
-  }
-  using namespace slserve::bf16;
-  const int64_t heads = kv_heads * group, blocks = head_dim / 32, pairs = (ctx + 1) / 2;
-  std::vector<float> scores(heads * ctx);
-  for (int64_t i = 0; i < ctx; ++i) {
-    const c10::BFloat16* krow = k_cache + table[i / page_tokens] * k_strides[0] + (i % page_tokens) * k_strides[1];
-    for (int64_t h = 0; h < heads; ++h) {
-      const c10::BFloat16* kh = krow + (h / group) * head_dim;
-      const c10::BFloat16* qh = q + h * q_head_stride;
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t b = 0; b < blocks; ++b)
-        acc = _mm512_dpbf16_ps(acc, bh(_mm512_loadu_si512(kh + 32 * b)), bh(_mm512_loadu_si512(qh + 32 * b)));
-      scores[h * ctx + i] = _mm512_reduce_add_ps(acc) * scale;
-    }
-  }
-  std::vector<uint32_t> p(heads * pairs);
-  for (int64_t h = 0; h < heads; ++h) {
-    float* sh = scores.data() + h * ctx;
-    const float inv = softmax_unnormalised(sh, ctx);
-    for (int64_t j = 0; j < pairs; ++j)
-      p[h * pairs + j] = pair(sh[2 * j] * inv, 2 * j + 1 < ctx ? sh[2 * j + 1] * inv : 0.f);
-  }
-  // Per 32-column block of a kv head's value rows: its query heads' accumulators (group <= 8 stay
-  // in registers), one pass over the token pairs.
-  constexpr int64_t kMaxGroup = 8;
-  const __m512i zero = _mm512_setzero_si512();
-  for (int64_t kvh = 0; kvh < kv_heads; ++kvh)
-    for (int64_t g0 = 0; g0 < group; g0 += kMaxGroup) {
-      const int64_t ng = std::min(kMaxGroup, group - g0);
-      const uint32_t* ph = p.data() + (kvh * group + g0) * pairs;
-      for (int64_t b = 0; b < blocks; ++b) {
-        __m512 lo[kMaxGroup], hi[kMaxGroup];
-        for (int64_t g = 0; g < ng; ++g) lo[g] = hi[g] = _mm512_setzero_ps();
-        const int64_t col = kvh * head_dim + 32 * b;
-        for (int64_t j = 0; j < pairs; ++j) {
-          const int64_t i = 2 * j;
-          const c10::BFloat16* v0 = v_cache + table[i / page_tokens] * v_strides[0] + (i % page_tokens) * v_strides[1];
-          const __m512i w1 = i + 1 < ctx ? _mm512_loadu_si512(v_cache + table[(i + 1) / page_tokens] * v_strides[0] +
-                                                              ((i + 1) % page_tokens) * v_strides[1] + col)
-                                         : zero;
-          const Pairs w(_mm512_loadu_si512(v0 + col), w1);
-          for (int64_t g = 0; g < ng; ++g)
-            madd_pair(w, _mm512_set1_epi32(static_cast<int32_t>(ph[g * pairs + j])), lo[g], hi[g]);
-        }
-        for (int64_t g = 0; g < ng; ++g)
-          store_pairs(out + (kvh * group + g0 + g) * o_head_stride + 32 * b, ~__mmask32(0), lo[g], hi[g]);
-      }
-    }
 }
 #endif
 
