@@ -39,12 +39,12 @@ def add_rows(plan: StepPlan, scheduled: list[tuple[Request, int]]) -> list[tuple
 
 
 def record(logits: torch.Tensor, spans: list[tuple[Request, int, int]]) -> None:
-    """logits: [sum of counts, vocab] float32, the rows add_rows asked for, in order."""
+    """logits: [sum of counts, vocab] (any float dtype), the rows add_rows asked for, in order."""
     row = 0
     for req, start, count in spans:
         if not req.prompt_logprobs:
             req.prompt_logprobs.append(None)
-        lp = torch.log_softmax(logits[row : row + count], dim=-1)  # [count, vocab]
+        lp = torch.log_softmax(logits[row : row + count].float(), dim=-1)  # [count, vocab]
         row += count
         targets = torch.tensor(req.prompt_token_ids[start + 1 : start + 1 + count], device=lp.device)
         chosen = lp.gather(1, targets[:, None])  # [count, 1]

@@ -29,12 +29,16 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
         # Masked, with each request's stop_token_ids, until the request has min_tokens outputs.
         self.eos_token_ids = sorted(set(eos_token_ids))
-        self.row_argmax = row_argmax  # the C++ loop for float32 CPU logits (cpu_ext.row_argmax_op)
+        self.row_argmax = row_argmax  # the C++ loop for CPU logits (cpu_ext.row_argmax_op)
 
     def __call__(
         self, logits: torch.Tensor, requests: list[Request]
     ) -> tuple[list[int], list[TokenLogprob | None]]:
-        """logits: [R, vocab] float32, one row per request."""
+        """logits: [R, vocab], one row per request, in float32 or the model's dtype. Rows that only
+        take the argmax read the model's values as they are (widening is exact, so the argmax is
+        the same); anything more (sampling, logprobs, biases, masks, penalties) runs in float32."""
+        if logits.dtype != torch.float32 and not all(_argmax_only(r) for r in requests):
+            logits = logits.float()
         processed = self._process(logits, requests)
         tokens = self._argmax(processed)
         rows = [i for i, r in enumerate(requests) if not r.params.greedy]
@@ -58,8 +62,8 @@ class Sampler:
         return token_list, logprobs
 
     def _argmax(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.row_argmax is not None and x.device.type == "cpu" and x.dtype == torch.float32
-                and x.stride(-1) == 1 and x.shape[-1] > 0):
+        if (self.row_argmax is not None and x.device.type == "cpu"
+                and x.dtype in (torch.float32, torch.bfloat16) and x.stride(-1) == 1 and x.shape[-1] > 0):
             return self.row_argmax(x)
         return x.argmax(dim=-1)
 
@@ -122,6 +126,14 @@ class Sampler:
         # An exact 0 draw would make 0 / 0 = NaN for a filtered token, which argmax would pick.
         noise.clamp_(min=torch.finfo(noise.dtype).tiny)
         return (probs / noise).argmax(dim=-1)
+
+
+def _argmax_only(r: Request) -> bool:
+    """Whether r's next token is the plain argmax of its logits: greedy, no logprobs, and nothing
+    that Sampler._process would change."""
+    p = r.params
+    return (p.greedy and p.logprobs is None and not p.logit_bias and not p.penalized and r.matcher is None
+            and r.num_output_tokens >= p.min_tokens)
 
 
 def _scaled_logits(logits: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:

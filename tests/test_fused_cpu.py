@@ -159,6 +159,10 @@ def test_row_argmax_equals_torch(n):
     assert torch.equal(op(view), view.argmax(dim=-1))
     logits = torch.randn(128, 49152, generator=torch.Generator().manual_seed(n))
     assert torch.equal(op(logits), logits.argmax(dim=-1))
+    # bfloat16 rows (the model's logits as they are): rounding makes ties common, the first wins
+    for rows in (x, view, logits):
+        half = rows.bfloat16()
+        assert torch.equal(op(half), half.float().argmax(dim=-1))
 
 
 def test_sampler_uses_row_argmax_for_greedy_rows():
@@ -178,3 +182,27 @@ def test_sampler_uses_row_argmax_for_greedy_rows():
     tokens, _ = Sampler(row_argmax=counted)(logits, reqs)
     assert calls == [(6, 1000)]
     assert tokens == logits.argmax(dim=-1).tolist() == Sampler()(logits, reqs)[0]
+
+
+def test_sampler_widens_bfloat16_logits_only_when_it_needs_more_than_argmax():
+    from slserve.request import Request
+    from slserve.sampling import Sampler
+    from slserve.sampling_params import SamplingParams
+
+    dtypes = []
+    op = cpu_ops().row_argmax
+
+    def counted(x):
+        dtypes.append(x.dtype)
+        return op(x)
+
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(4)).bfloat16()
+    greedy = [Request(f"g{i}", [1, 2], SamplingParams(temperature=0, max_tokens=4)) for i in range(4)]
+    tokens, _ = Sampler(row_argmax=counted)(logits, greedy)
+    assert dtypes == [torch.bfloat16] and tokens == logits.float().argmax(dim=-1).tolist()
+    wants_logprobs = Request("lp", [1, 2], SamplingParams(temperature=0, max_tokens=4, logprobs=2))
+    with_logprobs = [*greedy[:3], wants_logprobs]
+    tokens, logprobs = Sampler(row_argmax=counted)(logits, with_logprobs)
+    assert dtypes[1:] == [torch.float32] and tokens == logits.float().argmax(dim=-1).tolist()
+    expected = torch.log_softmax(logits[3].float(), dim=-1)[tokens[3]].item()
+    assert logprobs[3].logprob == pytest.approx(expected)

@@ -6,7 +6,7 @@
 - `paged_decode_attention`: one query per sequence, reading K/V in place through the block
   table, instead of gathering the cache and running tiny batched matmuls.
 - `add_rms_norm`, `rotary_write_kv`, `silu_mul`: the element-wise steps of a decoder layer, one
-  pass each (see slserve/model/ops.py); `row_argmax`: greedy sampling's argmax over float32
+  pass each (see slserve/model/ops.py); `row_argmax`: greedy sampling's argmax over float32 or bfloat16
   logits, vectorised (torch's is a scalar loop).
 - `int8_linear`, `q4_linear`: quantized base projections (--quantization, slserve/model/quant.py)
   at decode row counts, reading a quarter (int8) or under a fifth (q4) of float32's weight bytes.

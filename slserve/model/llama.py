@@ -100,8 +100,8 @@ class LlamaModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, ctx: ForwardContext, kv: KVCache, backend: Backend) -> torch.Tensor | None:
-        """Logits (float32) for the tokens in ctx.logits_index: [R, vocab], on rank 0 (None on the
-        others)."""
+        """Logits, in the model's dtype, for the tokens in ctx.logits_index: [R, vocab], on rank 0
+        (None on the others). The sampler widens them to float32 where it needs more than argmax."""
         residual = self.embed_tokens(ctx.input_ids)  # [T, hidden]
         if ctx.virtual is not None:  # an adapter's virtual tokens (prompt tuning) replace theirs
             rows, embeds = ctx.virtual
@@ -114,4 +114,4 @@ class LlamaModel(nn.Module):
         x, h = self.ops.add_norm(residual[rows], delta[rows], self.norm)
         if ctx.norms is not None:
             ctx.norms.apply_final(h, x)
-        return self.comm.gather_vocab(self._lm_head(h).float(), self.cfg.vocab_size)
+        return self.comm.gather_vocab(self._lm_head(h), self.cfg.vocab_size)

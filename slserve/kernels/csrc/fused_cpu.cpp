@@ -185,30 +185,47 @@ float row_max(const float* row, int64_t n, bool* nan) {
   return top;
 }
 
-// The index of each row's largest value, the first one where several are equal; a row that holds
-// NaN gives its first NaN, as torch.argmax does. torch's own argmax over a step's [128, 49152]
-// float32 logits is a scalar loop (~7 ms); this is one vectorised pass for the maximum and a
-// scan for its first index.
+// The index of row[0..n)'s largest value, the first one where several are equal; a row that holds
+// NaN gives its first NaN, as torch.argmax does.
+int64_t argmax_float(const float* row, int64_t n) {
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(row);
+  bool nan = false;
+  const float top = row_max(row, n, &nan);
+  int64_t j = 0;
+  if (nan) {
+    while (!is_nan_bits(bits[j])) ++j;
+  } else {
+    while (row[j] != top) ++j;
+  }
+  return j;
+}
+
+// Each row's argmax (see argmax_float). torch's own argmax over a step's [128, 49152] float32
+// logits is a scalar loop (~7 ms); this is one vectorised pass for the maximum and a scan for its
+// first index. bfloat16 rows are widened (exactly) a row at a time into a buffer that stays in
+// cache, instead of converting the whole step's logits to float32 in memory first.
 at::Tensor row_argmax(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1 && x.size(1) > 0,
-              "row_argmax: x is float32 [R, n], n > 0, with contiguous rows");
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+                  x.stride(1) == 1 && x.size(1) > 0,
+              "row_argmax: x is float32 or bfloat16 [R, n], n > 0, with contiguous rows");
   const int64_t rows = x.size(0), n = x.size(1), stride = x.stride(0);
   at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
-  const float* xp = x.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
+  if (x.scalar_type() == at::kFloat) {
+    const float* xp = x.data_ptr<float>();
+    at::parallel_for(0, rows, grain(n), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) op[r] = argmax_float(xp + r * stride, n);
+    });
+    return out;
+  }
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   at::parallel_for(0, rows, grain(n), [&](int64_t begin, int64_t end) {
+    thread_local std::vector<uint32_t> wide;
+    wide.resize(n);
     for (int64_t r = begin; r < end; ++r) {
-      const float* row = xp + r * stride;
-      const uint32_t* bits = reinterpret_cast<const uint32_t*>(row);
-      bool nan = false;
-      const float top = row_max(row, n, &nan);
-      int64_t j = 0;
-      if (nan) {
-        while (!is_nan_bits(bits[j])) ++j;
-      } else {
-        while (row[j] != top) ++j;
-      }
-      op[r] = j;
+      const uint16_t* row = xp + r * stride;
+      for (int64_t j = 0; j < n; ++j) wide[j] = static_cast<uint32_t>(row[j]) << 16;  // bfloat16 -> float32 bits
+      op[r] = argmax_float(reinterpret_cast<const float*>(wide.data()), n);
     }
   });
   return out;
