@@ -136,9 +136,11 @@ class EngineConfig:
     # The unified pool: KV pages and adapter pages share it.
     pool_bytes: int = 4 << 30
     page_tokens: int = 16
-    # Per-step limits of the continuous batcher.
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 1024
+    # Per-step limits of the continuous batcher. A decode step reads every weight once whatever its
+    # rows, so wider steps cost less per token (bfloat16 on a 2-core CPU: 1690 tok/s at 128 rows,
+    # 2010 at 256) and, with many adapters, share each adapter's bytes among more requests.
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     max_queue: int = 4096
     # Admission may let a request whose adapter is already in the batch (or resident) go ahead of
