@@ -56,6 +56,9 @@ class AttentionGroup:
     pages:     [B * NB] long  block tables, flattened, padded with page 0
     mask:      [B, 1, Qm, K] bool, K = NB * P, True where the key is visible
     key_outside: [B, K, 1, 1] bool, True for key slots outside the sequence (position >= ctx_len)
+    any_outside: whether any key_outside is True (else the gathered K/V need no zeroing)
+    q_start:   when every slot is valid and the queries are the consecutive tokens q_start,
+               q_start + 1, ... (equal-length prompts, in order): the slice replaces the gathers
     decode:    one query per sequence
     ctx_lens:  [B] long       context length of each sequence
 
@@ -71,6 +74,8 @@ class AttentionGroup:
     pages: torch.Tensor
     mask: torch.Tensor
     key_outside: torch.Tensor
+    any_outside: bool
+    q_start: int | None
     decode: bool
     all_valid: bool
     ctx_lens: torch.Tensor
@@ -119,10 +124,18 @@ def _build_group(members, q_lens, ctx_lens, block_tables, starts, page_tokens, d
         pages=pages.flatten().to(device),
         mask=mask[:, None].to(device),
         key_outside=key_outside[:, :, None, None].to(device),
+        any_outside=bool(key_outside.any()),
+        q_start=_consecutive_start(q_index) if bool(q_valid.all()) else None,
         decode=qm == 1,
         all_valid=bool(q_valid.all()),
         ctx_lens=ctx.to(device),
     )
+
+
+def _consecutive_start(q_index: torch.Tensor) -> int | None:
+    flat = q_index.view(-1)
+    start = int(flat[0])
+    return start if torch.equal(flat, torch.arange(start, start + flat.numel())) else None
 
 
 def paged_attention(
@@ -146,8 +159,11 @@ def paged_attention(
             decode_op(out, q, k_cache, v_cache, g.q_index.view(-1), g.pages.view(b, -1), g.ctx_lens, scale)
             continue
         # [B, K, KVH, D], stale slots zeroed (see AttentionGroup)
-        k = k_cache.index_select(0, g.pages).view(b, -1, KVH, D).masked_fill_(g.key_outside, 0)
-        v = v_cache.index_select(0, g.pages).view(b, -1, KVH, D).masked_fill_(g.key_outside, 0)
+        k = k_cache.index_select(0, g.pages).view(b, -1, KVH, D)
+        v = v_cache.index_select(0, g.pages).view(b, -1, KVH, D)
+        if g.any_outside:
+            k.masked_fill_(g.key_outside, 0)
+            v.masked_fill_(g.key_outside, 0)
         if g.decode:
             idx = g.q_index.view(-1)
             qg = q.index_select(0, idx).view(b, KVH, H // KVH, D)
@@ -156,12 +172,17 @@ def paged_attention(
             o = torch.matmul(scores.softmax(-1).to(q.dtype), v.transpose(1, 2))  # [B, KVH, g, D]
             out.index_copy_(0, idx, o.reshape(b, H, D))
             continue
-        qg = q[g.q_index].transpose(1, 2)  # [B, H, Qm, D]
+        if g.q_start is not None:
+            qg = q[g.q_start : g.q_start + b * qm].view(b, qm, H, D).transpose(1, 2)  # [B, H, Qm, D]
+        else:
+            qg = q.index_select(0, g.q_index.view(-1)).view(b, qm, H, D).transpose(1, 2)
         o = F.scaled_dot_product_attention(
             qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=g.mask, scale=scale, enable_gqa=H != KVH
         ).transpose(1, 2)  # [B, Qm, H, D]
-        if g.all_valid:
-            out[g.q_index.flatten()] = o.reshape(b * qm, H, D)
+        if g.q_start is not None:
+            out[g.q_start : g.q_start + b * qm] = o.reshape(b * qm, H, D)
+        elif g.all_valid:
+            out.index_copy_(0, g.q_index.view(-1), o.reshape(b * qm, H, D))
         else:
             out[g.q_index[g.q_valid]] = o[g.q_valid]
     return out
