@@ -99,6 +99,38 @@ void add_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& delta, c
   });
 }
 
+// One head x [2 * half] rotated in place by cos c and sin s [2 * half].
+template <typename T>
+void rotate_half(T* x, const float* c, const float* s, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = static_cast<float>(x[i]), x2 = static_cast<float>(x[i + half]);
+    const float a1 = static_cast<float>(slserve::round_to<T>(x1 * c[i]));
+    const float b1 = static_cast<float>(slserve::round_to<T>(-x2 * s[i]));
+    const float a2 = static_cast<float>(slserve::round_to<T>(x2 * c[i + half]));
+    const float b2 = static_cast<float>(slserve::round_to<T>(x1 * s[i + half]));
+    x[i] = slserve::round_to<T>(a1 + b1);
+    x[i + half] = slserve::round_to<T>(a2 + b2);
+  }
+}
+
+#if defined(__AVX512BF16__)
+// bfloat16, 16 lanes at a time where the half head is a multiple of 16: the same roundings.
+void rotate_half(c10::BFloat16* x, const float* c, const float* s, int64_t half) {
+  if (half % 16 != 0) return rotate_half<c10::BFloat16>(x, c, s, half);
+  using namespace slserve::bf16;
+  const __m512 neg = _mm512_set1_ps(-1.f);
+  for (int64_t i = 0; i < half; i += 16) {
+    const __m512 x1 = load16(x + i, 0xffff), x2 = load16(x + half + i, 0xffff);
+    const __m512 a1 = round16(_mm512_mul_ps(x1, _mm512_loadu_ps(c + i)));
+    const __m512 b1 = round16(_mm512_mul_ps(_mm512_mul_ps(x2, neg), _mm512_loadu_ps(s + i)));
+    const __m512 a2 = round16(_mm512_mul_ps(x2, _mm512_loadu_ps(c + half + i)));
+    const __m512 b2 = round16(_mm512_mul_ps(x1, _mm512_loadu_ps(s + half + i)));
+    store16(x + i, 0xffff, _mm512_add_ps(a1, b1));
+    store16(x + half + i, 0xffff, _mm512_add_ps(a2, b2));
+  }
+}
+#endif
+
 // Rotate-half RoPE on the q and k heads of each row of qkv, in place, then copy the row's k and
 // v heads to the cache rows k_index[t] and v_index[t]. cos and sin are [T, D] in the model
 // dtype; like the torch path, x * cos and rotated * sin are rounded before they are added.
@@ -132,18 +164,7 @@ void rotary_write_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Ten
         slserve::to_float(cp + t * D, c.data(), D);
         slserve::to_float(sp + t * D, s.data(), D);
         T_* row = base + t * qkv.stride(0);
-        for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) {
-          T_* x = row + h * D;
-          for (int64_t i = 0; i < half; ++i) {
-            const float x1 = static_cast<float>(x[i]), x2 = static_cast<float>(x[i + half]);
-            const float a1 = static_cast<float>(slserve::round_to<T_>(x1 * c[i]));
-            const float b1 = static_cast<float>(slserve::round_to<T_>(-x2 * s[i]));
-            const float a2 = static_cast<float>(slserve::round_to<T_>(x2 * c[i + half]));
-            const float b2 = static_cast<float>(slserve::round_to<T_>(x1 * s[i + half]));
-            x[i] = slserve::round_to<T_>(a1 + b1);
-            x[i + half] = slserve::round_to<T_>(a2 + b2);
-          }
-        }
+        for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) rotate_half(row + h * D, c.data(), s.data(), half);
         std::memcpy(rows + kp[t] * width, row + num_heads * D, width * sizeof(T_));
         std::memcpy(rows + vp[t] * width, row + (num_heads + num_kv_heads) * D, width * sizeof(T_));
       }
