@@ -21,7 +21,7 @@ from slserve.config import EngineConfig, ModelConfig
 from slserve.kernels.cpu_ext import layer_ops
 from slserve.memory.adapter_layout import FINAL_NORM, AdapterLayout, RankWeights, SlotView, write_adapter
 from slserve.memory.kv_cache import KVCache, kv_page_elems
-from slserve.memory.pool import allocate_storage
+from slserve.memory.pool import allocate_storage, background_executor
 from slserve.model.llama import LlamaModel
 from slserve.model.loader import load_state_dict
 from slserve.model.ops import TorchOps
@@ -119,7 +119,7 @@ class ModelRunner:
             self._views[(cmd.slot, 0)] = cmd.layout.view()
             if cmd.background:  # a prefetch: copy while this step's forward runs
                 if self._copier is None:
-                    self._copier = ThreadPoolExecutor(1, thread_name_prefix="slserve-adapter-copy")
+                    self._copier = background_executor("slserve-adapter-copy")
                 self._copies[cmd.slot] = self._copier.submit(write_adapter, self.flat, cmd.layout, weights,
                                                              self.kv_pages)
             else:

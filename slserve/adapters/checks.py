@@ -85,11 +85,15 @@ def check_gain(a: torch.Tensor, b: torch.Tensor, scale: float, bound: float, whe
     the scale; such weights are absurd for any model.
     """
     r, in_features = a.shape
+    a_norm, b_norm = float(a.norm(dim=1).max()), float(b.norm(dim=1).max())
+    if not (math.isfinite(a_norm) and math.isfinite(b_norm)):  # NaN or inf inside, or absurd values
+        check_finite_values(a, f"{where}.lora_A", name)
+        check_finite_values(b, f"{where}.lora_B", name)
     row_gain = float(((b @ (a @ a.T)) * b).sum(dim=1).max()) ** 0.5  # max_j |(B @ A)_j|_2
     gains = {
         "scale (lora_alpha / r)": abs(scale),
-        "lora_A gain": float(a.norm(dim=1).max()) * math.sqrt(in_features),
-        "lora_B gain (scale * lora_B)": abs(scale) * float(b.norm(dim=1).max()) * math.sqrt(r),
+        "lora_A gain": a_norm * math.sqrt(in_features),
+        "lora_B gain (scale * lora_B)": abs(scale) * b_norm * math.sqrt(r),
         "gain (scale * lora_B @ lora_A)": abs(scale) * row_gain * math.sqrt(in_features),
     }
     for what, gain in gains.items():
@@ -113,10 +117,18 @@ def check_scale_bound(v: torch.Tensor, bound: float, what: str, name: str) -> No
         )
 
 
-def to_float32(t: torch.Tensor, where: str, name: str) -> torch.Tensor:
+def to_float32(t: torch.Tensor, where: str, name: str, check_finite: bool = True) -> torch.Tensor:
+    """t as contiguous float32, refused unless floating point and (check_finite) finite.
+    check_finite=False is for a LoRA pair that check_gain will see: a non-finite value makes one of
+    its norms non-finite, and check_gain then names it as this would (one pass fewer per tensor)."""
     if not t.is_floating_point():
         raise adapter_error(name, f"{where} has dtype {t.dtype}; floating-point weights are required")
     t = t.to(torch.float32).contiguous()
+    if check_finite:
+        check_finite_values(t, where, name)
+    return t
+
+
+def check_finite_values(t: torch.Tensor, where: str, name: str) -> None:
     if not bool(torch.isfinite(t).all()):
         raise adapter_error(name, f"{where} contains non-finite values (nan or inf)")
-    return t

@@ -169,10 +169,10 @@ def _convert(config: dict, tensors: dict[str, torch.Tensor], model: ModelConfig,
             raise adapter_error(
                 name, f"rank mismatch: {at} has rank {r} tensors but adapter_config.json resolves r={r_cfg}"
             )
-        a = to_float32(a, at + ".lora_A", name)
-        b = to_float32(b, at + ".lora_B", name)
+        a = to_float32(a, at + ".lora_A", name, check_finite=False)
+        b = to_float32(b, at + ".lora_B", name, check_finite=False)
         scale = spec.scale(r, alpha)
-        check_gain(a, b, scale, bound, at, name)
+        check_gain(a, b, scale, bound, at, name)  # refuses non-finite values as to_float32 would
         modules[(layer, module)] = LoRAWeights(a=a, b=b, scale=float(scale))
         if dora:
             (m,) = require_params(found, ("lora_magnitude_vector",), at + " (DoRA)", name)

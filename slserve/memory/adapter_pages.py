@@ -16,7 +16,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 from slserve.adapters.peft_format import LoRAAdapter
@@ -30,7 +30,7 @@ from slserve.memory.adapter_layout import (
     lay_out_extras,
     layer_elems,
 )
-from slserve.memory.pool import Owner, PagePool
+from slserve.memory.pool import Owner, PagePool, background_executor
 from slserve.memory.prefix_cache import PrefixCache
 from slserve.parallel import ROW_PARALLEL
 from slserve.plan import AdapterCommand, AdapterFree, AdapterLoad
@@ -123,8 +123,7 @@ class DeviceAdapterCache:
         # of a row-parallel module (parallel.py: output_scale_slice).
         self._widths = {m: model.hidden_size if m in ROW_PARALLEL else out
                         for m, (_, out) in self.shapes.items()}
-        self._loader = executor or ThreadPoolExecutor(max_workers=1,
-                                                      thread_name_prefix="slserve-adapter-load")
+        self._loader = executor or background_executor("slserve-adapter-load")
         self._host_loading: dict[str, tuple[Future, int]] = {}  # name -> (host load, generation)
         self._generation: dict[str, int] = {}
         self._lock = threading.Lock()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 
 import numpy as np
@@ -62,6 +63,15 @@ def _advise_huge_pages(t: torch.Tensor) -> None:
     end = (t.data_ptr() + t.numel() * t.element_size()) & ~(huge - 1)
     if end > start:
         libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+
+
+def background_executor(name: str) -> ThreadPoolExecutor:
+    """One worker thread for adapter work beside the engine (parsing, copies into the pool), its
+    torch ops on one intra-op thread: a parallel op there would start a second team of threads on
+    cores the engine's team already fills, and every engine op then waits for its slowest thread.
+    (The thread count is per calling thread; the engine's stays as it is.)"""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=torch.set_num_threads,
+                              initargs=(1,))
 
 
 def allocate_storage(num_pages: int, page_elems: int, dtype: torch.dtype, device: torch.device | str
