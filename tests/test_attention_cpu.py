@@ -40,6 +40,7 @@ CASES = [
     ([1, 1, 4], [33, 8, 12], 4, 2, 128),  # head_dim 128
     ([1] * 4, [16, 32, 15, 47], 12, 2, 64),  # group 6: query heads in two register sets; 16-token edges
     ([1, 1], [16, 31], 6, 2, 128),  # head_dim 128, group 3 over register sets of two heads
+    ([1, 1, 1], [5, 16, 40], 6, 3, 96),  # head_dim 96: three column blocks
     ([4, 4, 4], [4, 9, 16], 6, 2),  # equal-length prefills from token 0 (sliced, not gathered), with context
     ([1, 3, 3], [5, 3, 7], 4, 2),  # equal-length prefills after a decode: consecutive from token 1
 ]

@@ -94,7 +94,7 @@ void decode_one(T* out, const T* q, int64_t q_head_stride, int64_t o_head_stride
 }
 
 #if defined(__AVX512BF16__)
-// bfloat16 with head_dim 64 or 128 (see bf16_simd.h); other head sizes take the loop above.
+// bfloat16 with head_dim 32, 64, 96 or 128 (see bf16_simd.h); other head sizes take the loop above.
 using namespace slserve::bf16;
 
 // Lane t of the result: the sum of the 16 lanes of acc[t] (16 horizontal sums in 15 shuffle-add
@@ -213,15 +213,19 @@ void decode_one(c10::BFloat16* out, const c10::BFloat16* q, int64_t q_head_strid
                 const c10::BFloat16* k_cache, const c10::BFloat16* v_cache, const int64_t* k_strides,
                 const int64_t* v_strides, const int64_t* table, int64_t ctx, int64_t page_tokens, int64_t kv_heads,
                 int64_t group, int64_t head_dim, float scale) {
-  if (head_dim == 64)
-    decode_one_bf16<2>(out, q, q_head_stride, o_head_stride, k_cache, v_cache, k_strides, v_strides, table, ctx,
-                       page_tokens, kv_heads, group, scale);
-  else if (head_dim == 128)
-    decode_one_bf16<4>(out, q, q_head_stride, o_head_stride, k_cache, v_cache, k_strides, v_strides, table, ctx,
-                       page_tokens, kv_heads, group, scale);
-  else
-    decode_one<c10::BFloat16>(out, q, q_head_stride, o_head_stride, k_cache, v_cache, k_strides, v_strides, table,
-                              ctx, page_tokens, kv_heads, group, head_dim, scale);
+  auto run = [&](auto blocks) {
+    decode_one_bf16<decltype(blocks)::value>(out, q, q_head_stride, o_head_stride, k_cache, v_cache, k_strides,
+                                             v_strides, table, ctx, page_tokens, kv_heads, group, scale);
+  };
+  switch (head_dim % 32 == 0 ? head_dim / 32 : 0) {
+    case 1: run(std::integral_constant<int, 1>{}); break;
+    case 2: run(std::integral_constant<int, 2>{}); break;
+    case 3: run(std::integral_constant<int, 3>{}); break;
+    case 4: run(std::integral_constant<int, 4>{}); break;
+    default:
+      decode_one<c10::BFloat16>(out, q, q_head_stride, o_head_stride, k_cache, v_cache, k_strides, v_strides, table,
+                                ctx, page_tokens, kv_heads, group, head_dim, scale);
+  }
 }
 #endif
 
