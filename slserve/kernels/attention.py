@@ -57,8 +57,9 @@ class AttentionGroup:
     mask:      [B, 1, Qm, K] bool, K = NB * P, True where the key is visible
     key_outside: [B, K, 1, 1] bool, True for key slots outside the sequence (position >= ctx_len)
     any_outside: whether any key_outside is True (else the gathered K/V need no zeroing)
-    q_start:   when every slot is valid and the queries are the consecutive tokens q_start,
-               q_start + 1, ... (equal-length prompts, in order): the slice replaces the gathers
+    q_start:   prefill groups only: when every slot is valid and the queries are the consecutive
+               tokens q_start, q_start + 1, ... (equal-length prompts, in order), the slice that
+               replaces the gathers
     decode:    one query per sequence
     ctx_lens:  [B] long       context length of each sequence
 
@@ -125,7 +126,7 @@ def _build_group(members, q_lens, ctx_lens, block_tables, starts, page_tokens, d
         mask=mask[:, None].to(device),
         key_outside=key_outside[:, :, None, None].to(device),
         any_outside=bool(key_outside.any()),
-        q_start=_consecutive_start(q_index) if bool(q_valid.all()) else None,
+        q_start=_consecutive_start(q_index) if qm > 1 and bool(q_valid.all()) else None,
         decode=qm == 1,
         all_valid=bool(q_valid.all()),
         ctx_lens=ctx.to(device),

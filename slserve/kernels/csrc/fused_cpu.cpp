@@ -94,7 +94,7 @@ void add_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& delta, c
     const int64_t ds = has_delta ? delta->stride(0) : 0;
     at::parallel_for(0, T, grain(n), [&](int64_t begin, int64_t end) {
       add_rms_norm_rows(xp, x.stride(0), dp, ds, out.data_ptr<scalar_t>(), out.stride(0),
-                                  weight.data_ptr<scalar_t>(), n, begin, end, static_cast<float>(eps));
+                        weight.data_ptr<scalar_t>(), n, begin, end, static_cast<float>(eps));
     });
   });
 }
@@ -293,14 +293,13 @@ at::Tensor row_argmax(const at::Tensor& x) {
     });
     return out;
   }
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
   at::parallel_for(0, rows, grain(n), [&](int64_t begin, int64_t end) {
-    thread_local std::vector<uint32_t> wide;
+    thread_local std::vector<float> wide;
     wide.resize(n);
     for (int64_t r = begin; r < end; ++r) {
-      const uint16_t* row = xp + r * stride;
-      for (int64_t j = 0; j < n; ++j) wide[j] = static_cast<uint32_t>(row[j]) << 16;  // bfloat16 -> float32 bits
-      op[r] = argmax_float(reinterpret_cast<const float*>(wide.data()), n);
+      slserve::to_float(xp + r * stride, wide.data(), n);
+      op[r] = argmax_float(wide.data(), n);
     }
   });
   return out;
