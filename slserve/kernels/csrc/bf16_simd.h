@@ -20,8 +20,11 @@ inline __mmask32 mask32(int64_t k) { return k >= 32 ? ~__mmask32(0) : (__mmask32
 
 inline __m512i load32i(const c10::BFloat16* p, __mmask32 m) { return _mm512_maskz_loadu_epi16(m, p); }
 
-// Ask for the cache line holding p (no fault if p is past the end of a mapping).
+// Ask for the cache line holding p (no fault if p is past the end of a mapping): into L1, or
+// only as far as L2 for data needed later (an L1 prefetch holds one of L1's few miss buffers, and
+// a line brought in too early is evicted again before it is read).
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+inline void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 
 inline __m512bh bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
 
