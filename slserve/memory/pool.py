@@ -65,13 +65,37 @@ def _advise_huge_pages(t: torch.Tensor) -> None:
         libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
 
 
+def _openmp_runtime() -> ctypes.CDLL | None:
+    """The OpenMP runtime torch runs its intra-op threads on (already loaded with torch, so opening
+    it by name returns that copy), or None."""
+    for name in ("libgomp.so.1", "libiomp5.so", "libomp.so"):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+def _one_intra_op_thread() -> None:
+    """This thread's parallel regions run on one thread; every other thread keeps its own count.
+
+    Not `torch.set_num_threads(1)`: besides this thread's count it stores a process-wide number
+    that any thread then adopts the first time code in another library (our C++ helpers, say)
+    starts a parallel region there, and the engine's thread did so after the adapter loader
+    started, so every op of the engine ran on one core (a 256-row decode step with adapters took
+    2x as long). OpenMP's own setting is per thread. torch's per-thread set-up runs first, since
+    it would reset the setting the first time this thread asks for it."""
+    torch.get_num_threads()
+    runtime = _openmp_runtime()
+    if runtime is not None:
+        runtime.omp_set_num_threads(1)
+
+
 def background_executor(name: str) -> ThreadPoolExecutor:
     """One worker thread for adapter work beside the engine (parsing, copies into the pool), its
     torch ops on one intra-op thread: a parallel op there would start a second team of threads on
-    cores the engine's team already fills, and every engine op then waits for its slowest thread.
-    (The thread count is per calling thread; the engine's stays as it is.)"""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=torch.set_num_threads,
-                              initargs=(1,))
+    cores the engine's team already fills, and every engine op then waits for its slowest thread."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=_one_intra_op_thread)
 
 
 def allocate_storage(num_pages: int, page_elems: int, dtype: torch.dtype, device: torch.device | str
