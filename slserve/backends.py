@@ -15,7 +15,12 @@ from typing import Any
 import torch
 
 from slserve.config import ModelConfig
-from slserve.kernels.attention import build_attention_groups, paged_attention
+from slserve.kernels.attention import (
+    build_attention_groups,
+    build_token_rows,
+    paged_attention,
+    token_row_attention,
+)
 from slserve.memory.adapter_layout import SlotView, group_columns
 from slserve.memory.kv_cache import KVCache
 from slserve.model.layers import LoRAHook
@@ -101,11 +106,13 @@ class TorchBackend(Backend):
         self.lora_op = lora_apply_op() if cpu_extension else None
 
     def attention_metadata(self, plan):
-        return build_attention_groups(plan.query_lens, plan.context_lens, plan.block_tables,
-                                      self.page_tokens, self.device)
+        build = build_token_rows if self.decode_op is not None else build_attention_groups
+        return build(plan.query_lens, plan.context_lens, plan.block_tables, self.page_tokens, self.device)
 
     def attention(self, q, k_cache, v_cache, ctx, scale):
-        return paged_attention(q, k_cache, v_cache, ctx.attn, scale, self.decode_op)
+        if self.decode_op is not None:
+            return token_row_attention(q, k_cache, v_cache, ctx.attn, scale, self.decode_op)
+        return paged_attention(q, k_cache, v_cache, ctx.attn, scale)
 
     def lora(self, bounds, views, flat):
         from slserve.lora_batch import LoRABatch

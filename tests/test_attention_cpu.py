@@ -1,11 +1,18 @@
-"""The CPU attention paths (batched torch, and the C++ decode loop) against the slow reference."""
+"""The CPU attention paths (batched torch, the C++ loop for decode groups, and the C++ loop over
+every query token as a row, which the engine runs) against the slow reference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from slserve.kernels.attention import build_attention_groups, paged_attention, paged_attention_reference
+from slserve.kernels.attention import (
+    build_attention_groups,
+    build_token_rows,
+    paged_attention,
+    paged_attention_reference,
+    token_row_attention,
+)
 from slserve.kernels.cpu_ext import decode_attention_op
 
 
@@ -62,6 +69,44 @@ def test_cpu_attention_matches_reference(case, dtype, use_cpp):
     torch.testing.assert_close(out.float(), ref, **tol)
 
 
+def _token_rows(q_lens, ctx_lens, tables, q, k_cache, v_cache, head_dim):
+    op = decode_attention_op()
+    assert op is not None, "the C++ helper must build on this machine"
+    rows = build_token_rows(q_lens, ctx_lens, tables, 4, "cpu")
+    return rows, token_row_attention(q, k_cache, v_cache, rows, head_dim**-0.5, op)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_token_rows_match_reference(case, dtype):
+    """Every query token as one row of the C++ op (the engine's CPU path): prompt tokens see the
+    keys up to their own position, decode rows their whole context."""
+    q_lens, ctx_lens, heads, kv_heads, *rest = CASES[case]
+    head_dim = rest[0] if rest else 16
+    q, k_cache, v_cache, _, ref, tables = _case(case, q_lens, ctx_lens, heads, kv_heads, head_dim,
+                                                dtype=dtype)
+    rows, out = _token_rows(q_lens, ctx_lens, tables, q, k_cache, v_cache, head_dim)
+    expected_ctx = [c - n + 1 + j for n, c in zip(q_lens, ctx_lens, strict=True) for j in range(n)]
+    assert rows.ctx_lens.tolist() == expected_ctx
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.float(), ref, **tol)
+
+
+def test_token_rows_split_unequal_rows_over_threads():
+    """One long decode row and many one-key prompt rows: the threads split by keys read, not by
+    row count, and every row still lands in its own output slot."""
+    q_lens, ctx_lens = [1, 40, 1], [300, 40, 7]
+    q, k_cache, v_cache, _, ref, tables = _case(7, q_lens, ctx_lens, 6, 2, 64, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3, 5):
+            torch.set_num_threads(n)
+            _, out = _token_rows(q_lens, ctx_lens, tables, q, k_cache, v_cache, 64)
+            torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def poison_stale_slots(k_cache, v_cache, tables, ctx_lens, page_tokens, value: float) -> None:
     """Write `value` into every cache slot that no sequence owns below its context length: the
     tails of last pages and whole unused pages, as a freed request or adapter may leave them."""
@@ -88,4 +133,8 @@ def test_stale_nonfinite_slots_are_never_read(case, use_cpp, poison):
     out = paged_attention(q, k_cache, v_cache, groups, head_dim**-0.5, decode_op=op)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    if use_cpp:
+        _, out = _token_rows(q_lens, ctx_lens, tables, q, k_cache, v_cache, head_dim)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 

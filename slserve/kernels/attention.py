@@ -139,6 +139,52 @@ def _consecutive_start(q_index: torch.Tensor) -> int | None:
     return start if torch.equal(flat, torch.arange(start, start + flat.numel())) else None
 
 
+@dataclass
+class TokenRows:
+    """Every query token of a step as one row of the C++ attention op (kernels/cpu_ext.py): the
+    op reads each row's keys in place through its sequence's block table, up to its own position.
+    A decoding sequence is one row; a prompt chunk of n tokens is n rows over the same table. For
+    the short prompts of a serving trace this is ~3x faster than SDPA over padded, masked groups
+    (the keys of one prompt stay in the caches across its rows).
+
+    q_index:  [T] long     the query token of each row (arange: rows in token order)
+    tables:   [T, NB] long the block table of the row's sequence, padded with page 0
+    ctx_lens: [T] long     keys the row attends to: its position + 1
+    """
+
+    q_index: torch.Tensor
+    tables: torch.Tensor
+    ctx_lens: torch.Tensor
+
+
+def build_token_rows(
+    q_lens: list[int], ctx_lens: list[int], block_tables: list[list[int]], page_tokens: int, device
+) -> TokenRows:
+    widths = [(c + page_tokens - 1) // page_tokens for c in ctx_lens]
+    nb = max(widths)
+    tables = torch.tensor([t[:w] + [0] * (nb - w) for t, w in zip(block_tables, widths, strict=True)],
+                          dtype=torch.long)
+    n = torch.tensor(q_lens)
+    total = int(n.sum())
+    first = torch.tensor(ctx_lens) - n + 1  # keys seen by each sequence's first query token
+    starts = n.cumsum(0) - n
+    ctx = first.repeat_interleave(n, output_size=total) + torch.arange(total) \
+        - starts.repeat_interleave(n, output_size=total)
+    return TokenRows(
+        q_index=torch.arange(total, device=device),
+        tables=tables.repeat_interleave(n, dim=0, output_size=total).to(device),
+        ctx_lens=ctx.to(device),
+    )
+
+
+def token_row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: TokenRows,
+                        scale: float, op) -> torch.Tensor:
+    """Attention of every query token through the C++ op (see TokenRows)."""
+    out = torch.empty_like(q)
+    op(out, q, k_cache, v_cache, rows.q_index, rows.tables, rows.ctx_lens, scale)
+    return out
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

@@ -1,7 +1,9 @@
-// Paged decode attention for the CPU path: one query per sequence, keys and values read in
-// place from the paged cache through the block table (no gather, no transposed copies).
+// Paged attention for the CPU path, one query per row, keys and values read in place from the
+// paged cache through the block table (no gather, no transposed copies). A row is a decoding
+// sequence, or one token of a prompt chunk attending to the keys up to its own position (the
+// engine passes every query token of a step as a row: kernels/attention.py, TokenRows).
 //
-// For decode sequence b with query token t = q_index[b] and context length L = ctx_lens[b]:
+// For row b with query token t = q_index[b] and L = ctx_lens[b] keys:
 //   out[t, h] = softmax(scale * q[t, h] . K[b, 0:L, h / group]) @ V[b, 0:L, h / group]
 // where K[b, i] lives at k_cache[block_tables[b, i / P], i % P]. The batched-matmul alternative
 // spends most of its time on tiny GEMM set-up and on copying the gathered cache into matmul
@@ -254,6 +256,8 @@ void decode_one(c10::BFloat16* out, const c10::BFloat16* q, int64_t q_head_strid
 }
 #endif
 
+constexpr int64_t kRowCost = 16;  // a row's fixed work (set-up, softmax, output), in keys read
+
 void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& q_index, const at::Tensor& block_tables,
                             const at::Tensor& ctx_lens, double scale) {
@@ -278,7 +282,19 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at
     scalar_t* op = out.data_ptr<scalar_t>();
     const scalar_t* kp = k_cache.data_ptr<scalar_t>();
     const scalar_t* vp = v_cache.data_ptr<scalar_t>();
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    // Rows cost in proportion to the keys they read: the threads take spans of equal cost, not
+    // equal counts (a step's decode rows read whole contexts, its prompt rows a few keys each).
+    const int64_t parts = std::min<int64_t>(at::get_num_threads(), batch);
+    std::vector<int64_t> bounds(parts + 1, batch);
+    bounds[0] = 0;
+    int64_t total = 0;
+    for (int64_t b = 0; b < batch; ++b) total += lp[b] + kRowCost;
+    for (int64_t b = 0, acc = 0, part = 1; b < batch && part < parts; ++b) {
+      acc += lp[b] + kRowCost;
+      if (acc * parts >= total * part) bounds[part++] = b + 1;
+    }
+    at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
+      const int64_t begin = bounds[first], end = bounds[last];
       for (int64_t b = begin; b < end; ++b) {
         const int64_t t = ip[b];
         const NextSequence next = b + 1 < end ? NextSequence{tp + (b + 1) * tables.size(1), lp[b + 1]} : NextSequence{};
