@@ -19,7 +19,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
                    help="auto: bfloat16 on GPUs and CPUs with native bfloat16 matmuls, else float32")
     p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
-                   help="weight-only quantization of the base projections (default: none)")
+                   help="quantize the base projections: int8 or q4 weights only, or w8a8 (int8 weights "
+                   "and per-token int8 activations; fastest where the CPU has VNNI) (default: none)")
     p.add_argument("--device", default=d.device)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--pool-mib", type=int, default=d.pool_bytes // MIB, help="unified KV + adapter pool")

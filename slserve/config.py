@@ -14,8 +14,9 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 
-# Weight-only quantization modes of the base linear layers (slserve/model/quant.py).
-QUANTIZATIONS = ("int8", "q4")
+# Quantization modes of the base linear layers (slserve/model/quant.py): int8 and q4 weight-only,
+# w8a8 int8 weights and per-token int8 activations.
+QUANTIZATIONS = ("int8", "q4", "w8a8")
 
 
 def default_cache_dir() -> Path:

@@ -77,6 +77,25 @@ def peft_generate(base, adapter_path: Path | None, prompt_ids: list[int], max_ne
                 model.unload()
 
 
+def peft_logprobs(base, adapter_path: Path | None, ids: list[int]) -> torch.Tensor:
+    """Log-probabilities of ids[1:] given their prefixes, from transformers (+ peft when an
+    adapter is given): one forward over the whole sequence."""
+    from peft import PeftModel
+
+    x = torch.tensor([ids])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if adapter_path is None:
+            logits = base(x).logits[0]
+        else:
+            model = PeftModel.from_pretrained(base, str(adapter_path))
+            try:
+                logits = model(x).logits[0]
+            finally:
+                model.unload()
+    return logits[:-1].log_softmax(-1).gather(1, x[0, 1:, None])[:, 0]
+
+
 def peft_forward_greedy(base, adapter_path: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """Greedy tokens of a prompt-learning adapter from peft's own forward over the whole sequence,
     one token per forward. peft 0.21's generate with transformers 5 drops a prefix-tuning

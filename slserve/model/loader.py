@@ -152,7 +152,7 @@ def load_state_dict(path: Path, dtype: torch.dtype, cfg: ModelConfig | None = No
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 cut = base_weight_slice(key, cfg, shard) if shard is not None else None
-                quantized = quantization is not None and is_quantized_key(key)
+                quantized = quantization is not None and is_quantized_key(key, quantization)
                 read_dtype = torch.float32 if quantized else dtype
                 if cut is None:
                     tensor = f.get_tensor(key).to(read_dtype)

@@ -1,9 +1,11 @@
-"""Weight-only quantization of the base model's linear layers (opt-in: `--quantization`).
+"""Quantization of the base model's linear layers (opt-in: `--quantization`).
 
-Decode reads every base weight once per step for a handful of tokens, so a step costs weight
-bytes; int8 weights are a quarter of float32's and half of bfloat16's. Only the seven projections
-of each decoder layer (q, k, v, o, gate, up, down) are quantized; the embedding, lm_head and norms
-keep the serving dtype. Activations stay in the serving dtype, and LoRA runs on them unchanged:
+Decode reads every base weight once per step for a handful of tokens, so a small step costs
+weight bytes; int8 weights are a quarter of float32's and half of bfloat16's. A large step
+(hundreds of decode rows, prefill chunks) costs arithmetic instead, which weight-only modes do
+not reduce; w8a8 does, with int8 x int8 dot products (VNNI on x86: twice bfloat16's rate).
+Only the seven projections of each decoder layer (q, k, v, o, gate, up, down) are quantized; the
+embedding, lm_head and norms keep the serving dtype. LoRA runs on the unquantized activations:
 the base output y = x W^T comes from the quantized matmul and the step's LoRA term adds to it.
 
 int8: symmetric, one float32 scale per output channel (row of W [out, in]):
@@ -11,6 +13,18 @@ int8: symmetric, one float32 scale per output channel (row of W [out, in]):
     scale[n] = max_k |W[n, k]| / 127            (1 for an all-zero row)
     q[n, k]  = clamp(round_half_even(W[n, k] / scale[n]), -127, 127)
     W'[n, k] = q[n, k] * scale[n]               (the dequantized weight every path multiplies by)
+
+w8a8: the weights as int8 above, and each row of activations quantized as it arrives,
+symmetric, one float32 scale per row (token):
+
+    amax[m]  = max_k |x[m, k]|,  sx[m] = amax[m] / 127   (1 for an all-zero row)
+    xq[m, k] = clamp(round_half_even(x[m, k] * inv[m]), -127, 127),  inv[m] = 127 / amax[m]
+    (sx and inv computed in float64 and rounded to float32; the products in float32)
+    y[m, n]  = float(sum_k xq[m, k] * q[n, k]) * (sx[m] * scale[n])   (exact int32 sums)
+
+This changes the model more than weight-only int8 (RESULTS.md has the perplexities), so it is
+never the default. Under tensor parallelism a row-parallel rank (o, down) quantizes its own
+columns of x, with its own row scales: results differ from one rank's by activation rounding.
 
 q4: asymmetric 4-bit codes in groups of Q4_GROUP = 32 consecutive inputs of a row, a float32
 scale and zero per group (the layout of GGUF's Q4_1 blocks):
@@ -36,6 +50,9 @@ The matmul, by what the device offers:
   to float32 for its C++ loop.
 - Longer prefill chunks (compute-bound), any device without either kernel, or a CPU without the
   C++ helpers: dequantize, then the library matmul.
+- w8a8, any number of rows: `torch._int_mm` (oneDNN's int8 GEMM on the CPU), between the C++
+  helpers `slserve::quantize_rows` and `dequantize_rows`; their torch equivalents where the
+  helpers are not built, and a float64 matmul of the codes (exact) where `_int_mm` is missing.
 """
 
 from __future__ import annotations
@@ -55,10 +72,17 @@ LOOP_ROWS = 64
 QUANTIZED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def is_quantized_key(key: str) -> bool:
-    """Whether a checkpoint tensor is one of the quantized projection weights."""
+# w8a8 leaves down_proj in the serving dtype: its inputs (silu(gate) * up) carry the model's
+# massive activations, a few values thousands of times a token's mean (up to 2824 against a
+# mean of ~2 in SmolLM2 on benchmarks/quant_text.txt), which one scale per token cannot hold.
+W8A8_MODULES = tuple(m for m in QUANTIZED_MODULES if m != "down_proj")
+
+
+def is_quantized_key(key: str, mode: str) -> bool:
+    """Whether a checkpoint tensor is one of the projection weights `mode` quantizes."""
     parts = key.split(".")
-    return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in QUANTIZED_MODULES
+    modules = W8A8_MODULES if mode == "w8a8" else QUANTIZED_MODULES
+    return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in modules
 
 
 def int8_scale(w: torch.Tensor) -> torch.Tensor:
@@ -88,7 +112,7 @@ class Int8Weight:
         return cls(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
 
     def to(self, device) -> Int8Weight:
-        return Int8Weight(self.q.to(device), self.scale.to(device))
+        return type(self)(self.q.to(device), self.scale.to(device))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W' [out, in] = q * scale, computed in float32 and then cast."""
@@ -97,6 +121,11 @@ class Int8Weight:
     @property
     def shape(self) -> torch.Size:
         return self.q.shape
+
+
+@dataclass(frozen=True)
+class W8A8Weight(Int8Weight):
+    """int8 weights exactly as Int8Weight; their matmul quantizes the activations too."""
 
 
 Q4_GROUP = 32
@@ -141,8 +170,8 @@ class Q4Weight:
         return torch.Size((self.codes.shape[0], self.codes.shape[1] * 2))
 
 
-QuantizedWeight = Int8Weight | Q4Weight
-QUANTIZED_TYPES: dict[str, type[QuantizedWeight]] = {"int8": Int8Weight, "q4": Q4Weight}
+QuantizedWeight = Int8Weight | W8A8Weight | Q4Weight
+QUANTIZED_TYPES: dict[str, type[QuantizedWeight]] = {"int8": Int8Weight, "w8a8": W8A8Weight, "q4": Q4Weight}
 
 
 def quantize(mode: str, w: torch.Tensor, whole_rows: torch.Tensor | None = None) -> QuantizedWeight:
@@ -152,8 +181,8 @@ def quantize(mode: str, w: torch.Tensor, whole_rows: torch.Tensor | None = None)
 
 
 def needs_whole_rows(mode: str) -> bool:
-    """Whether a row-parallel slice of `mode` takes its scales from the whole rows (int8)."""
-    return QUANTIZED_TYPES[mode] is Int8Weight
+    """Whether a row-parallel slice of `mode` takes its scales from the whole rows (int8, w8a8)."""
+    return issubclass(QUANTIZED_TYPES[mode], Int8Weight)
 
 
 def cat_weights(parts: list) -> torch.Tensor | QuantizedWeight:
@@ -208,7 +237,48 @@ def q4_matmul(w: Q4Weight, bias: torch.Tensor | None, cpu_ops=None) -> Callable[
     return matmul
 
 
-MATMULS: dict[type, Callable] = {Int8Weight: int8_matmul, Q4Weight: q4_matmul}
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (xq [M, K] int8, sx [M] float32), per row as the module docstring says."""
+    x = x.float()
+    amax = x.abs().amax(dim=1).double()  # the row constants in double, then rounded
+    live = amax > 0
+    inv = torch.where(live, 127 / amax, 0).float()
+    xq = torch.round(x * inv[:, None]).clamp_(-127, 127).to(torch.int8)
+    return xq, torch.where(live, amax / 127, 1).float()
+
+
+def int8_codes_matmul(xq: torch.Tensor, qt: torch.Tensor) -> torch.Tensor:
+    """xq [M, K] int8 @ qt [K, N] int8 -> int32 [M, N], exact."""
+    try:
+        return torch._int_mm(xq, qt)
+    except RuntimeError:  # no kernel on this device, or shapes it refuses (CUDA: M <= 16, ...)
+        return (xq.double() @ qt.double()).to(torch.int32)
+
+
+def w8a8_matmul(w: W8A8Weight, bias: torch.Tensor | None, cpu_ops=None
+                ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x [T, in] -> y [T, out] (+ bias) in x's dtype, activations quantized per row."""
+    helpers = cpu_ops if cpu_ops is not None and w.q.device.type == "cpu" else None
+    qt = w.q.t()  # [in, out]: _int_mm takes the transposed view as it is
+
+    def matmul(x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if helpers is not None:
+            xq = torch.empty(x.shape, dtype=torch.int8)
+            sx = torch.empty(rows, dtype=torch.float32)
+            helpers.quantize_rows(xq, sx, x if x.stride(-1) == 1 else x.contiguous())
+            y = x.new_empty(rows, qt.shape[1])
+            helpers.dequantize_rows(y, int8_codes_matmul(xq, qt), sx, w.scale)
+        else:
+            xq, sx = quantize_rows(x)
+            acc = int8_codes_matmul(xq, qt)
+            y = (acc.float() * (sx[:, None] * w.scale[None, :])).to(x.dtype)
+        return y if bias is None else y.add_(bias)
+
+    return matmul
+
+
+MATMULS: dict[type, Callable] = {Int8Weight: int8_matmul, W8A8Weight: w8a8_matmul, Q4Weight: q4_matmul}
 
 
 def quantized_matmul(w: QuantizedWeight, bias: torch.Tensor | None, cpu_ops=None) -> Callable:

@@ -1,8 +1,10 @@
-// Weight-only quantized linears for the CPU path (slserve/model/quant.py):
+// Quantized linears for the CPU path (slserve/model/quant.py):
 //
 //   int8_linear: out[t, n] = sum_k x[t, k] * (float(q[n, k]) * scale[n])
 //   q4_linear:   out[t, n] = sum_k x[t, k] * (code[n, k] * scale[n, k / G] + zero[n, k / G])
 //                                                              accumulated in float32
+//   quantize_rows, dequantize_rows: the two element-wise ends of the w8a8 matmul, around
+//                torch's int8 x int8 -> int32 matmul (one pass each instead of four torch ops)
 //
 // Decode reads every base weight once per step for a handful of rows, so the step is bound by
 // weight bytes: int8 weights are a quarter of float32's, 4-bit codes with their group scales
@@ -13,10 +15,12 @@
 // to every row of x from cache. A tile holds kTileN output channels and x is walked kTileT rows
 // at a time, so each vector load feeds several multiply-adds.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -153,14 +157,87 @@ void q4_linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& cod
   });
 }
 
+// w8a8: the activations quantized per row, as the int8 matmul takes them (model/quant.py):
+//   amax = max_k |x[m, k]|, xq[m, k] = clamp(round_half_even(x[m, k] * inv), -127, 127),
+//   inv = float(127 / amax), scale[m] = float(amax / 127) (in double; a zero row: codes 0, scale 1).
+void quantize_rows(const at::Tensor& xq, const at::Tensor& scale, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "quantize_rows: x is [M, K] with contiguous rows");
+  TORCH_CHECK(xq.is_contiguous() && xq.scalar_type() == at::kChar && xq.sizes() == x.sizes(),
+              "quantize_rows: xq is [M, K] int8, contiguous");
+  TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == at::kFloat && scale.numel() == x.size(0),
+              "quantize_rows: scale is [M] float32");
+  const int64_t M = x.size(0), K = x.size(1), stride = x.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quantize_rows", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    int8_t* qp = xq.data_ptr<int8_t>();
+    float* sp = scale.data_ptr<float>();
+    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(K);
+      for (int64_t m = begin; m < end; ++m) {
+        const float* row = slserve::float_row(xp + m * stride, buf.data(), K);
+        float amax = 0.f;
+        for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
+        // The two row constants in double, then rounded (as quant.py's torch path computes them):
+        // float32 division would be turned into a multiply by a rounded reciprocal (-ffast-math).
+        const double a = amax;
+        const float inv = amax > 0.f ? static_cast<float>(127.0 / a) : 0.f;
+        sp[m] = amax > 0.f ? static_cast<float>(a / 127.0) : 1.f;
+        int8_t* q = qp + m * K;
+        int64_t k = 0;
+#if defined(__AVX512F__)
+        // Rounds to nearest even (the default MXCSR mode), then clamps and narrows.
+        const __m512 vinv = _mm512_set1_ps(inv);
+        const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+        for (; k + 16 <= K; k += 16) {
+          const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + k), vinv));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(_mm512_min_epi32(_mm512_max_epi32(r, lo), hi)));
+        }
+#endif
+        for (; k < K; ++k)
+          q[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(row[k] * inv))));
+      }
+    });
+  });
+}
+
+// out[m, n] = acc[m, n] * (row_scale[m] * col_scale[n]), in out's dtype (round to nearest even).
+void dequantize_rows(const at::Tensor& out, const at::Tensor& acc, const at::Tensor& row_scale,
+                     const at::Tensor& col_scale) {
+  TORCH_CHECK(acc.dim() == 2 && acc.is_contiguous() && acc.scalar_type() == at::kInt,
+              "dequantize_rows: acc is [M, N] int32, contiguous");
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == acc.sizes(), "dequantize_rows: out is [M, N], contiguous");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  TORCH_CHECK(row_scale.is_contiguous() && row_scale.scalar_type() == at::kFloat && row_scale.numel() == M &&
+                  col_scale.is_contiguous() && col_scale.scalar_type() == at::kFloat && col_scale.numel() == N,
+              "dequantize_rows: row_scale [M], col_scale [N], float32");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "dequantize_rows", [&] {
+    const int32_t* ap = acc.data_ptr<int32_t>();
+    const float* rs = row_scale.data_ptr<float>();
+    const float* cs = col_scale.data_ptr<float>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        const int32_t* a = ap + m * N;
+        scalar_t* o = op + m * N;
+        const float r = rs[m];
+        for (int64_t n = 0; n < N; ++n) o[n] = slserve::round_to<scalar_t>(static_cast<float>(a[n]) * (r * cs[n]));
+      }
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(slserve, m) {
   m.def("int8_linear(Tensor(a!) out, Tensor x, Tensor q, Tensor scale) -> ()");
   m.def("q4_linear(Tensor(a!) out, Tensor x, Tensor codes, Tensor scale, Tensor zero, int group) -> ()");
+  m.def("quantize_rows(Tensor(a!) xq, Tensor(b!) scale, Tensor x) -> ()");
+  m.def("dequantize_rows(Tensor(a!) out, Tensor acc, Tensor row_scale, Tensor col_scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(slserve, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("q4_linear", &q4_linear);
+  m.impl("quantize_rows", &quantize_rows);
+  m.impl("dequantize_rows", &dequantize_rows);
 }
