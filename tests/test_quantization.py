@@ -255,7 +255,7 @@ def test_matmul_16bit_matches_dequantized_reference(dtype, rows, mode):
 @pytest.mark.parametrize("mode", ["int8", "q4", "w8a8"])
 def test_tensor_parallel_slices_dequantize_to_the_whole_model(mode):
     """Each rank quantizes its slice as it reads it; column-parallel slices keep their rows'
-    scales, int8 (and w8a8) row-parallel slices (o, down) take the scales of the whole rows, q4 groups lie
+    scales, int8 row-parallel slices (o, down; w8a8's o) take the scales of the whole rows, q4 groups lie
     inside one rank's columns: the ranks' dequantized slices put together are the one-rank model
     exactly."""
     from slserve.model.loader import load_model_config, load_state_dict, resolve_model
@@ -349,8 +349,8 @@ def test_w8a8_mixed_batch_matches_the_documented_model_on_average(adapters, tmp_
     unrounded input, as slserve's do).
 
     Token-for-token equality cannot be asked of this mode: rounding activations is discontinuous,
-    and the ~1e-4 differences between two correct float32 attention implementations move some
-    values across a rounding boundary, so single log-probabilities differ between the two by
+    and the ~1e-4 differences between two correct float32 implementations of the same layers move
+    some values across a rounding boundary, so single log-probabilities differ between the two by
     about as much as w8a8 differs from weight-only int8 (~0.15 on average). What must agree is
     the model: the mean log-likelihood of a text, per request, within 1.5%; and each adapter
     must move it as much as it moves the reference."""
@@ -373,8 +373,8 @@ def test_w8a8_mixed_batch_matches_the_documented_model_on_average(adapters, tmp_
     want = {a: -peft_logprobs(base, adapters[a] if a else None, ids).mean().item() for a in names}
 
     llm = LLM(dtype="float32", quantization="w8a8", pool_bytes=256 << 20, adapter_dir=str(tmp_path / "store"))
-    for name, path in adapters.items():
-        llm.add_adapter(name, path)
+    for name, adapter_path in adapters.items():
+        llm.add_adapter(name, adapter_path)
     outs = llm.generate([ids] * len(names), SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0),
                         adapters=names)
     got = {a: -sum(lp.logprob for lp in out.prompt_logprobs[1:]) / (len(ids) - 1)

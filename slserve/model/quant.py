@@ -4,9 +4,10 @@ Decode reads every base weight once per step for a handful of tokens, so a small
 weight bytes; int8 weights are a quarter of float32's and half of bfloat16's. A large step
 (hundreds of decode rows, prefill chunks) costs arithmetic instead, which weight-only modes do
 not reduce; w8a8 does, with int8 x int8 dot products (VNNI on x86: twice bfloat16's rate).
-Only the seven projections of each decoder layer (q, k, v, o, gate, up, down) are quantized; the
-embedding, lm_head and norms keep the serving dtype. LoRA runs on the unquantized activations:
-the base output y = x W^T comes from the quantized matmul and the step's LoRA term adds to it.
+Only the seven projections of each decoder layer (q, k, v, o, gate, up, down) are quantized (w8a8:
+all but down, see W8A8_MODULES); the embedding, lm_head and norms keep the serving dtype. LoRA
+runs on the unquantized activations: the base output y = x W^T comes from the quantized matmul
+and the step's LoRA term adds to it.
 
 int8: symmetric, one float32 scale per output channel (row of W [out, in]):
 
@@ -23,8 +24,8 @@ symmetric, one float32 scale per row (token):
     y[m, n]  = float(sum_k xq[m, k] * q[n, k]) * (sx[m] * scale[n])   (exact int32 sums)
 
 This changes the model more than weight-only int8 (RESULTS.md has the perplexities), so it is
-never the default. Under tensor parallelism a row-parallel rank (o, down) quantizes its own
-columns of x, with its own row scales: results differ from one rank's by activation rounding.
+never the default. Under tensor parallelism a row-parallel rank (o) quantizes its own columns
+of x, with its own row scales: results differ from one rank's by activation rounding.
 
 q4: asymmetric 4-bit codes in groups of Q4_GROUP = 32 consecutive inputs of a row, a float32
 scale and zero per group (the layout of GGUF's Q4_1 blocks):
