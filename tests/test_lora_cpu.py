@@ -134,3 +134,28 @@ def test_cpp_op_rejects_slots_outside_the_pool():
     bad[0, 2] = x.shape[1] + 1  # A's width does not match x
     with pytest.raises(RuntimeError, match="bad A slot"):
         op(y, x, pool, bounds, bad)
+
+
+@pytest.mark.parametrize("seg_len", [3, 7, 8, 9, 13, 32, 33, 45])
+def test_cpp_loop_gives_a_token_the_same_result_in_any_segment(seg_len):
+    """bfloat16 segments of eight tokens or more run through other loops than decode's few tokens
+    (the wide loops of kernels/csrc/lora_cpu.cpp), which add in the same order: with AVX512-BF16
+    each token's output is bit for bit what it gets alone, whatever the segment's length. (Other
+    CPUs run long bfloat16 segments through library matmuls, which only agree within rounding.)"""
+    from slserve.kernels.cpu_ext import cpu_isa
+
+    op = lora_apply_op()
+    assert op is not None
+    x, y, (pool, bounds, slots), plain = _case(20 + seg_len, [seg_len, 5], [64, 7], (96, 40, 13),
+                                               torch.bfloat16, n_in=72)
+    together = y.clone()
+    op(together, x, pool, bounds, slots)
+    alone = y.clone()
+    for s, (s0, s1) in enumerate(bounds.tolist()):
+        for t in range(s0, s1):
+            op(alone, x, pool, torch.tensor([[t, t + 1]]), slots[s : s + 1].contiguous())
+    torch.testing.assert_close(together.double(), _naive(x, y, plain), atol=0.25, rtol=2e-2)
+    if "avx512_bf16" in cpu_isa().split():
+        assert torch.equal(together, alone)
+    else:
+        torch.testing.assert_close(together, alone, atol=0.25, rtol=2e-2)
