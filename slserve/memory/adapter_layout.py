@@ -281,6 +281,13 @@ def write_adapter(flat: torch.Tensor, layout: AdapterLayout, weights: RankWeight
     for s in layout.slots:
         a, b, scale = weights.pairs[(s.layer, s.module)]
         flat[s.a_off : s.a_off + s.rank * s.in_features].view(s.rank, s.in_features).copy_(a)
-        # Scale in float32, then one transposing, rounding copy into the pages.
+        # Scaled in float32 and rounded once to the pool's dtype. From a host copy already in that
+        # dtype: a transposing copy (exact), then the multiply in place (computed in float32,
+        # rounded once), the same values without two temporaries.
         bt = flat[s.b_off : s.b_off + s.rank * s.out_features].view(s.rank, s.out_features)
-        bt.copy_((b.float() * scale).t())
+        if b.dtype == bt.dtype:
+            bt.copy_(b.t())
+            if scale != 1.0:
+                bt.mul_(scale)
+        else:
+            bt.copy_((b.float() * scale).t())
