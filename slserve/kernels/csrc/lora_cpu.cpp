@@ -368,8 +368,8 @@ void group(const c10::BFloat16* x, int64_t x_stride, c10::BFloat16* y, int64_t y
 // rows, and its interleaving of every row pair for every group of tokens. The wide loops below
 // interleave the expand's rows once per piece (pack_expand), keep every accumulator in registers
 // (16 dot products of four tokens by four A rows; a 32-column block of four tokens through all
-// rank rows), and reduce 16 dot products with one shuffle tree. On a Zen 4 core they run at
-// 1.5x (shrink) and 2.8x (expand) the rate of the loops above. They add in exactly the same order
+// rank rows), and reduce 16 dot products with one shuffle tree: a prompt-shaped batch (64 tokens
+// per adapter) takes 2.2x less time than in the loops above. They add in exactly the same order
 // (per lane over k or r, then the same tree as _mm512_reduce_add_ps), so a token's result does
 // not depend on which loop ran it.
 
