@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slserve.kernels.cpu_ext import lora_apply_op
+from slserve.config import cpu_march
+from slserve.kernels.cpu_ext import cpu_isa, lora_apply_op
 from slserve.kernels.lora import apply_lora, lora_expand, lora_shrink, slot_row
 
 
@@ -143,9 +144,6 @@ def test_cpp_loop_gives_a_token_the_same_result_in_any_segment(seg_len):
     each token's output is bit for bit what it gets alone, whatever the segment's length. (Builds
     without those loops, for other CPUs or a portable SLSERVE_CPU_MARCH, run long bfloat16
     segments through library matmuls, which only agree within rounding.)"""
-    from slserve.config import cpu_march
-    from slserve.kernels.cpu_ext import cpu_isa
-
     op = lora_apply_op()
     assert op is not None
     x, y, (pool, bounds, slots), plain = _case(20 + seg_len, [seg_len, 5], [64, 7], (96, 40, 13),
