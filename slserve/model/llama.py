@@ -18,7 +18,7 @@ from slserve.config import ModelConfig
 from slserve.memory.kv_cache import KVCache
 from slserve.model.layers import Linear, RMSNorm, Rotary, vocab_head
 from slserve.model.ops import CpuOps, TorchOps
-from slserve.model.quant import cat_weights
+from slserve.model.quant import cat_weights, head_copy_key, quantized_matmul
 from slserve.parallel import Collectives, Shard
 
 if TYPE_CHECKING:
@@ -79,15 +79,19 @@ class LlamaModel(nn.Module):
         local = shard.local_config(cfg)
         self.layers = nn.ModuleList(DecoderLayer(local, state, i, reduce) for i in range(cfg.num_layers))
         self.norm = RMSNorm(state["model.norm.weight"], cfg.rms_norm_eps)
-        lm_head = state["model.embed_tokens.weight"] if cfg.tie_word_embeddings else state["lm_head.weight"]
-        self.lm_head = nn.Parameter(lm_head, requires_grad=False)
+        head_key = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        self.lm_head = nn.Parameter(state[head_key], requires_grad=False)
+        quantized_head = state.get(head_copy_key(head_key))  # --quantization w8a8
         self.rotary = Rotary(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
         self.to(device)
         cpu_ops = self.ops.ops if isinstance(self.ops, CpuOps) else None
         for module in self.modules():
             if isinstance(module, Linear):
                 module.finalize(device, cpu_ops)
-        self._lm_head = vocab_head(self.lm_head.data)
+        if quantized_head is None:
+            self._lm_head = vocab_head(self.lm_head.data)
+        else:
+            self._lm_head = quantized_matmul(quantized_head.to(device), None, cpu_ops)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.shard.parallel:

@@ -20,7 +20,14 @@ import torch
 from safetensors import safe_open
 
 from slserve.config import ModelConfig, default_cache_dir
-from slserve.model.quant import is_quantized_key, needs_whole_rows, quantize
+from slserve.model.quant import (
+    HEAD_KEYS,
+    head_copy_key,
+    is_quantized_key,
+    needs_whole_rows,
+    quantize,
+    quantizes_head,
+)
 from slserve.parallel import Shard, base_weight_slice
 
 logger = logging.getLogger(__name__)
@@ -143,7 +150,8 @@ def load_state_dict(path: Path, dtype: torch.dtype, cfg: ModelConfig | None = No
     (parallel.py: base_weight_slice): no rank ever holds the whole model. With a `quantization`
     mode the projection weights are quantized from their float32 values as they are read
     (model/quant.py); an int8 row-parallel slice takes its scales from the whole rows, so those
-    weights are read whole, one at a time."""
+    weights are read whole, one at a time. A mode that quantizes the lm_head (w8a8) also gets a
+    quantized copy of each weight the head can come from (quant.HEAD_KEYS) under head_copy_key."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {path}")
@@ -153,7 +161,8 @@ def load_state_dict(path: Path, dtype: torch.dtype, cfg: ModelConfig | None = No
             for key in f.keys():
                 cut = base_weight_slice(key, cfg, shard) if shard is not None else None
                 quantized = quantization is not None and is_quantized_key(key, quantization)
-                read_dtype = torch.float32 if quantized else dtype
+                head = quantization is not None and quantizes_head(quantization) and key in HEAD_KEYS
+                read_dtype = torch.float32 if quantized or head else dtype
                 if cut is None:
                     tensor = f.get_tensor(key).to(read_dtype)
                 else:
@@ -165,6 +174,9 @@ def load_state_dict(path: Path, dtype: torch.dtype, cfg: ModelConfig | None = No
                     row_slice = cut is not None and cut[0] == 1
                     whole_rows = f.get_tensor(key) if row_slice and needs_whole_rows(quantization) else None
                     tensor = quantize(quantization, tensor, whole_rows)
+                if head:  # vocabulary rows: each rank's slice quantizes alone
+                    state[head_copy_key(key)] = quantize(quantization, tensor)
+                    tensor = tensor.to(dtype)
                 state[key] = tensor
     return state
 

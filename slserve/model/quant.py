@@ -5,9 +5,12 @@ weight bytes; int8 weights are a quarter of float32's and half of bfloat16's. A 
 (hundreds of decode rows, prefill chunks) costs arithmetic instead, which weight-only modes do
 not reduce; w8a8 does, with int8 x int8 dot products (VNNI on x86: twice bfloat16's rate).
 Only the seven projections of each decoder layer (q, k, v, o, gate, up, down) are quantized (w8a8:
-all but down, see W8A8_MODULES); the embedding, lm_head and norms keep the serving dtype. LoRA
+all but down, see W8A8_MODULES, and the lm_head as well); the embedding and norms keep the
+serving dtype (a tied embedding keeps its rows for the lookup beside the head's int8 copy). LoRA
 runs on the unquantized activations: the base output y = x W^T comes from the quantized matmul
-and the step's LoRA term adds to it.
+and the step's LoRA term adds to it. The w8a8 lm_head is a sixth of a 256-row bfloat16 decode
+step's arithmetic, and it moves perplexity by about as much as the projections' rounding does
+(benchmarks/RESULTS.md, "Quantized base weights").
 
 int8: symmetric, one float32 scale per output channel (row of W [out, in]):
 
@@ -77,6 +80,21 @@ QUANTIZED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 # massive activations, a few values thousands of times a token's mean (up to 2824 against a
 # mean of ~2 in SmolLM2 on benchmarks/quant_text.txt), which one scale per token cannot hold.
 W8A8_MODULES = tuple(m for m in QUANTIZED_MODULES if m != "down_proj")
+
+
+# The weights an output head can come from: its own, or the embedding it is tied to.
+HEAD_KEYS = ("lm_head.weight", "model.embed_tokens.weight")
+
+
+def quantizes_head(mode: str) -> bool:
+    """Whether `mode` also quantizes the lm_head (w8a8; see the module docstring)."""
+    return mode == "w8a8"
+
+
+def head_copy_key(key: str) -> str:
+    """Where load_state_dict puts the quantized copy of a head weight; the tensor itself stays in
+    the serving dtype (a tied embedding still looks its rows up)."""
+    return f"{key}.quantized"
 
 
 def is_quantized_key(key: str, mode: str) -> bool:
@@ -256,6 +274,13 @@ def int8_codes_matmul(xq: torch.Tensor, qt: torch.Tensor) -> torch.Tensor:
         return (xq.double() @ qt.double()).to(torch.int32)
 
 
+# Output columns per int8 matmul in w8a8: a wider product (the lm_head's 49k vocabulary rows) runs
+# as blocks of this many columns, each block's int32 result dequantized while it is in cache. At
+# 256 rows x 576 x 49152 one oneDNN call ran at 400 GOPS (the bfloat16 matmul's rate), blocks of
+# 8192 at ~650 (benchmarks/RESULTS.md, "w8a8 lm_head").
+W8A8_COLUMN_BLOCK = 8192
+
+
 def w8a8_matmul(w: W8A8Weight, bias: torch.Tensor | None, cpu_ops=None
                 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """x [T, in] -> y [T, out] (+ bias) in x's dtype, activations quantized per row."""
@@ -263,17 +288,21 @@ def w8a8_matmul(w: W8A8Weight, bias: torch.Tensor | None, cpu_ops=None
     qt = w.q.t()  # [in, out]: _int_mm takes the transposed view as it is
 
     def matmul(x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
+        rows, out = x.shape[0], qt.shape[1]
+        y = x.new_empty(rows, out)
         if helpers is not None:
             xq = torch.empty(x.shape, dtype=torch.int8)
             sx = torch.empty(rows, dtype=torch.float32)
             helpers.quantize_rows(xq, sx, x if x.stride(-1) == 1 else x.contiguous())
-            y = x.new_empty(rows, qt.shape[1])
-            helpers.dequantize_rows(y, int8_codes_matmul(xq, qt), sx, w.scale)
+            for j in range(0, out, W8A8_COLUMN_BLOCK):
+                cols = slice(j, j + W8A8_COLUMN_BLOCK)
+                helpers.dequantize_rows(y[:, cols], int8_codes_matmul(xq, qt[:, cols]), sx, w.scale[cols])
         else:
             xq, sx = quantize_rows(x)
-            acc = int8_codes_matmul(xq, qt)
-            y = (acc.float() * (sx[:, None] * w.scale[None, :])).to(x.dtype)
+            for j in range(0, out, W8A8_COLUMN_BLOCK):
+                cols = slice(j, j + W8A8_COLUMN_BLOCK)
+                acc = int8_codes_matmul(xq, qt[:, cols])
+                y[:, cols] = acc.float() * (sx[:, None] * w.scale[None, cols])
         return y if bias is None else y.add_(bias)
 
     return matmul

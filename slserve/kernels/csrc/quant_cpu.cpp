@@ -201,11 +201,13 @@ void quantize_rows(const at::Tensor& xq, const at::Tensor& scale, const at::Tens
 }
 
 // out[m, n] = acc[m, n] * (row_scale[m] * col_scale[n]), in out's dtype (round to nearest even).
+// out may be a block of columns of a wider output (contiguous rows, any row stride).
 void dequantize_rows(const at::Tensor& out, const at::Tensor& acc, const at::Tensor& row_scale,
                      const at::Tensor& col_scale) {
   TORCH_CHECK(acc.dim() == 2 && acc.is_contiguous() && acc.scalar_type() == at::kInt,
               "dequantize_rows: acc is [M, N] int32, contiguous");
-  TORCH_CHECK(out.is_contiguous() && out.sizes() == acc.sizes(), "dequantize_rows: out is [M, N], contiguous");
+  TORCH_CHECK(out.dim() == 2 && out.sizes() == acc.sizes() && out.stride(1) == 1 && out.stride(0) >= acc.size(1),
+              "dequantize_rows: out is [M, N] with contiguous rows");
   const int64_t M = acc.size(0), N = acc.size(1);
   TORCH_CHECK(row_scale.is_contiguous() && row_scale.scalar_type() == at::kFloat && row_scale.numel() == M &&
                   col_scale.is_contiguous() && col_scale.scalar_type() == at::kFloat && col_scale.numel() == N,
@@ -215,10 +217,11 @@ void dequantize_rows(const at::Tensor& out, const at::Tensor& acc, const at::Ten
     const float* rs = row_scale.data_ptr<float>();
     const float* cs = col_scale.data_ptr<float>();
     scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t out_stride = out.stride(0);
     at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m) {
         const int32_t* a = ap + m * N;
-        scalar_t* o = op + m * N;
+        scalar_t* o = op + m * out_stride;
         const float r = rs[m];
         for (int64_t n = 0; n < N; ++n) o[n] = slserve::round_to<scalar_t>(static_cast<float>(a[n]) * (r * cs[n]));
       }
