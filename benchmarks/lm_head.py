@@ -14,23 +14,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from bench_json import write_json
+from bench_timing import per_call
 
 from slserve.model.layers import dense, vocab_head
 
 os.environ["SLSERVE_CPU_BLAS"] = "torch"  # this compares layouts under torch's BLAS; blas.py compares BLASes
-
-
-def per_call(fn, h: torch.Tensor, calls: int) -> float:
-    fn(h)
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn(h)
-    return (time.perf_counter() - t0) / calls
 
 
 def main() -> None:

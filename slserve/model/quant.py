@@ -281,9 +281,10 @@ def int8_codes_matmul(xq: torch.Tensor, qt: torch.Tensor) -> torch.Tensor:
 W8A8_COLUMN_BLOCK = 8192
 
 
-def w8a8_matmul(w: W8A8Weight, bias: torch.Tensor | None, cpu_ops=None
+def w8a8_matmul(w: W8A8Weight, bias: torch.Tensor | None, cpu_ops=None, column_block: int = W8A8_COLUMN_BLOCK
                 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x [T, in] -> y [T, out] (+ bias) in x's dtype, activations quantized per row."""
+    """x [T, in] -> y [T, out] (+ bias) in x's dtype, activations quantized per row; the int8
+    products `column_block` output columns at a time."""
     helpers = cpu_ops if cpu_ops is not None and w.q.device.type == "cpu" else None
     qt = w.q.t()  # [in, out]: _int_mm takes the transposed view as it is
 
@@ -294,13 +295,13 @@ def w8a8_matmul(w: W8A8Weight, bias: torch.Tensor | None, cpu_ops=None
             xq = torch.empty(x.shape, dtype=torch.int8)
             sx = torch.empty(rows, dtype=torch.float32)
             helpers.quantize_rows(xq, sx, x if x.stride(-1) == 1 else x.contiguous())
-            for j in range(0, out, W8A8_COLUMN_BLOCK):
-                cols = slice(j, j + W8A8_COLUMN_BLOCK)
+            for j in range(0, out, column_block):
+                cols = slice(j, j + column_block)
                 helpers.dequantize_rows(y[:, cols], int8_codes_matmul(xq, qt[:, cols]), sx, w.scale[cols])
         else:
             xq, sx = quantize_rows(x)
-            for j in range(0, out, W8A8_COLUMN_BLOCK):
-                cols = slice(j, j + W8A8_COLUMN_BLOCK)
+            for j in range(0, out, column_block):
+                cols = slice(j, j + column_block)
                 acc = int8_codes_matmul(xq, qt[:, cols])
                 y[:, cols] = acc.float() * (sx[:, None] * w.scale[None, cols])
         return y if bias is None else y.add_(bias)
