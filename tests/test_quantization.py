@@ -288,6 +288,26 @@ def test_tensor_parallel_slices_dequantize_to_the_whole_model(mode):
     assert torch.equal(whole[head].dequantize(), int8_reference(whole["model.embed_tokens.weight"]))
 
 
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_w8a8_head_is_the_models_own_head(tie, tmp_path):
+    """Under w8a8 the logits come from the int8 copy of the model's head: its lm_head weight when
+    untied, its embedding when tied, multiplied exactly as the documented scheme says."""
+    from safetensors.torch import load_file
+
+    from slserve import LLM
+    from tests.tiny_llama import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path, tie=tie)
+    weights = {k: v for f in path.glob("*.safetensors") for k, v in load_file(f).items()}
+    llm = LLM(model=str(path), dtype="float32", quantization="w8a8", pool_bytes=64 << 20)
+    head = W8A8Weight.quantize(weights["model.embed_tokens.weight" if tie else "lm_head.weight"])
+    h = torch.randn(5, 128, generator=torch.Generator().manual_seed(0))
+    xq, sx = w8a8_rows_reference(h)
+    want = (xq.long() @ head.q.long().T).float() * (sx[:, None] * head.scale[None, :])
+    assert torch.equal(llm.engine.runner.model._lm_head(h), want)
+
+
 MAX_TOKENS = 8
 ADAPTERS = [("r8-all", 8, ALL_TARGETS), ("r32-mlp", 32, ["gate_proj", "up_proj", "down_proj"])]
 # The first prompt's greedy tokens from the float32 and the int8 weights part at the third token.

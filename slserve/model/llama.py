@@ -80,18 +80,17 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(local, state, i, reduce) for i in range(cfg.num_layers))
         self.norm = RMSNorm(state["model.norm.weight"], cfg.rms_norm_eps)
         head_key = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-        self.lm_head = nn.Parameter(state[head_key], requires_grad=False)
         quantized_head = state.get(head_copy_key(head_key))  # --quantization w8a8
+        if quantized_head is None:
+            self.lm_head = nn.Parameter(state[head_key], requires_grad=False)
         self.rotary = Rotary(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
         self.to(device)
         cpu_ops = self.ops.ops if isinstance(self.ops, CpuOps) else None
         for module in self.modules():
             if isinstance(module, Linear):
                 module.finalize(device, cpu_ops)
-        if quantized_head is None:
-            self._lm_head = vocab_head(self.lm_head.data)
-        else:
-            self._lm_head = quantized_matmul(quantized_head.to(device), None, cpu_ops)
+        self._lm_head = (vocab_head(self.lm_head.data) if quantized_head is None
+                         else quantized_matmul(quantized_head.to(device), None, cpu_ops))
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.shard.parallel:

@@ -8,9 +8,9 @@ Only the seven projections of each decoder layer (q, k, v, o, gate, up, down) ar
 all but down, see W8A8_MODULES, and the lm_head as well); the embedding and norms keep the
 serving dtype (a tied embedding keeps its rows for the lookup beside the head's int8 copy). LoRA
 runs on the unquantized activations: the base output y = x W^T comes from the quantized matmul
-and the step's LoRA term adds to it. The w8a8 lm_head is a sixth of a 256-row bfloat16 decode
-step's arithmetic, and it moves perplexity by about as much as the projections' rounding does
-(benchmarks/RESULTS.md, "Quantized base weights").
+and the step's LoRA term adds to it. The lm_head is a sixth of a 256-row decode step's
+arithmetic; quantized, it did not measurably move the perplexity of the fixed text
+(benchmarks/RESULTS.md, "w8a8 quantizes the lm_head").
 
 int8: symmetric, one float32 scale per output channel (row of W [out, in]):
 
@@ -277,7 +277,7 @@ def int8_codes_matmul(xq: torch.Tensor, qt: torch.Tensor) -> torch.Tensor:
 # Output columns per int8 matmul in w8a8: a wider product (the lm_head's 49k vocabulary rows) runs
 # as blocks of this many columns, each block's int32 result dequantized while it is in cache. At
 # 256 rows x 576 x 49152 one oneDNN call ran at 400 GOPS (the bfloat16 matmul's rate), blocks of
-# 8192 at ~650 (benchmarks/RESULTS.md, "w8a8 lm_head").
+# 8192 at ~600 with the quantizing and scaling (benchmarks/RESULTS.md, "w8a8 quantizes the lm_head").
 W8A8_COLUMN_BLOCK = 8192
 
 
