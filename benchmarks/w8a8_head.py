@@ -19,7 +19,7 @@ from bench_timing import per_call
 
 from slserve.kernels.cpu_ext import cpu_ops
 from slserve.model.layers import vocab_head
-from slserve.model.quant import W8A8Weight, w8a8_matmul
+from slserve.model.quant import W8A8_COLUMN_BLOCK, W8A8Weight, w8a8_matmul
 
 
 def main() -> None:
@@ -53,12 +53,14 @@ def main() -> None:
 
     print(f"lm_head {args.vocab} x {args.hidden}, ms per call (fastest of {args.rounds} rounds), "
           f"{torch.get_num_threads()} threads")
-    print(f"{'rows':>6}" + "".join(f"{name:>14}" for name in heads) + f"{'bf16 / best':>13}")
+    # against the block the server uses, where measured (else the fastest block)
+    shipped = f"w8a8 /{W8A8_COLUMN_BLOCK}"
+    print(f"{'rows':>6}" + "".join(f"{name:>14}" for name in heads) + f"{'bf16 / w8a8':>13}")
     for r in rows:
         ms = r["ms"]
-        w8a8_best = min(v for k, v in ms.items() if k != "bfloat16")
+        w8a8 = ms.get(shipped, min(v for k, v in ms.items() if k != "bfloat16"))
         print(f"{r['rows']:>6}" + "".join(f"{ms[name]:>14.2f}" for name in heads)
-              + f"{ms['bfloat16'] / w8a8_best:>12.2f}x")
+              + f"{ms['bfloat16'] / w8a8:>12.2f}x")
     write_json(args.out, {"args": vars(args), "torch_threads": torch.get_num_threads(), "rows": rows})
 
 

@@ -288,7 +288,6 @@ def test_tensor_parallel_slices_dequantize_to_the_whole_model(mode):
     assert torch.equal(whole[head].dequantize(), int8_reference(whole["model.embed_tokens.weight"]))
 
 
-
 @pytest.mark.parametrize("tie", [False, True])
 def test_w8a8_head_is_the_models_own_head(tie, tmp_path):
     """Under w8a8 the logits come from the int8 copy of the model's head: its lm_head weight when
@@ -384,7 +383,7 @@ def test_w8a8_mixed_batch_matches_the_documented_model_on_average(adapters, tmp_
     about as much as w8a8 differs from weight-only int8 (~0.15 on average). What must agree is
     the model: the mean log-likelihood of a text (320 tokens, over which those differences
     average out to well under the bound: 0.1-0.6% here), per request, within 1.5%; and each
-    adapter must move it as much as it moves the reference."""
+    adapter, which moves it by 4% or more, must move it as much as it moves the reference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from slserve import LLM, SamplingParams
