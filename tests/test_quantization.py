@@ -382,8 +382,9 @@ def test_w8a8_mixed_batch_matches_the_documented_model_on_average(adapters, tmp_
     some values across a rounding boundary, so single log-probabilities differ between the two by
     about as much as w8a8 differs from weight-only int8 (~0.15 on average). What must agree is
     the model: the mean log-likelihood of a text (320 tokens, over which those differences
-    average out to well under the bound: 0.1-0.6% here), per request, within 1.5%; and each
-    adapter, which moves it by 4% or more, must move it as much as it moves the reference."""
+    average out to well under the bound: 0.1-0.6% here), per request, within 1.2%; and each
+    adapter, which moves it by 4% or more (over 3x that bound), must move it as much as it moves
+    the reference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from slserve import LLM, SamplingParams
@@ -415,7 +416,7 @@ def test_w8a8_mixed_batch_matches_the_documented_model_on_average(adapters, tmp_
            for a, out in zip(names, outs, strict=True)}
     print('DBG', got, want)
     for a in names:
-        assert abs(got[a] - want[a]) < 0.015 * want[a], (a, got[a], want[a])
+        assert abs(got[a] - want[a]) < 0.012 * want[a], (a, got[a], want[a])
         if a is not None:  # the adapter's own effect, several times the tolerance
             assert abs(want[a] - want[None]) > 0.04 * want[None]
             assert (got[a] - got[None]) * (want[a] - want[None]) > 0
