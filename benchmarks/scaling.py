@@ -3,8 +3,10 @@
 Each point is a closed loop of C streams (load_test.py --concurrency C): every stream sends the
 trace's next request as soon as its last one ends, so C requests are always open. The trace is
 load_test's workload (exact prompt and output lengths, adapters by popularity), the same for every
-point and every server. Each server is measured by its own invocation; --plot draws any number of
-the JSON files side by side.
+server; each point draws its own prompts (seed + C), so that no point finds an earlier point's
+prompts in a server's prefix cache. Each server is measured by its own invocation (or one point
+at a time with --points C --append, as scaling_rounds.sh does); --plot draws any number of the
+JSON files side by side.
 
     python benchmarks/scaling.py --base-url http://127.0.0.1:8000 --adapters lora-/100 \\
         --popularity zipf --label "slserve, 100 adapters" --out benchmarks/results/scaling-slserve.json
@@ -47,6 +49,7 @@ def run_point(a: argparse.Namespace, streams: int) -> dict:
         workload_from_args(a),
         rate=float("inf"),
         num_requests=point_requests(streams, a.per_stream, a.min_requests),
+        seed=a.seed + streams,
     )
     cfg = LoadTestConfig(
         workload=workload, base_url=a.base_url, timeout=a.timeout, concurrency=streams, progress=False
@@ -86,6 +89,14 @@ def measure(a: argparse.Namespace) -> dict:
         "workload": vars(a) | {"points": a.points},
         "points": points,
     }
+
+
+def merge(curve: dict, new: dict) -> dict:
+    """`curve` with `new`'s points added, a point of the same streams replaced, in stream order."""
+    points = {p["streams"]: p for p in curve["points"]} | {p["streams"]: p for p in new["points"]}
+    streams = sorted(points)
+    workload = new["workload"] | {"points": streams}
+    return new | {"workload": workload, "points": [points[s] for s in streams]}
 
 
 def markdown(curves: list[dict]) -> str:
@@ -139,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-requests", type=int, default=16, help="fewest requests at a point")
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--out", default="", help="JSON result path")
+    p.add_argument("--append", action="store_true",
+                   help="merge the points into --out's curve (a point of the same streams is replaced)")
     p.add_argument("--plot", default=None, help="PNG path: draw the JSON files given as arguments")
     p.add_argument("curves", nargs="*", help="with --plot: scaling JSON files")
     a = p.parse_args(argv)
@@ -154,7 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     result = measure(a)
     print(markdown([result]))
     if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=1, default=str))
+        out = Path(a.out)
+        if a.append and out.exists():
+            result = merge(json.loads(out.read_text()), result)
+        out.write_text(json.dumps(result, indent=1, default=str))
         print(f"wrote {a.out}")
 
 

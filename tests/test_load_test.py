@@ -598,6 +598,14 @@ def test_load_test_end_to_end(live_server, tmp_path):
     curve = json.loads(out.read_text())
     assert [(p["streams"], p["requests"], p["completed"]) for p in curve["points"]] == [(1, 2, 2), (3, 6, 6)]
     assert all(p["output_tok_per_s"] > 0 and p["ttft_p99_s"] >= p["ttft_p50_s"] > 0 for p in curve["points"])
+    # One point at a time into the same curve (scaling_rounds.sh): 2 streams joins, 3 is replaced.
+    for streams, label in (("2", "later"), ("3", "again")):
+        flags = ["--per-stream", "1", "--min-requests", "1", "--label", label, "--out", str(out), "--append"]
+        scaling.main([*args.split()[:-2], streams, *flags])
+    merged = json.loads(out.read_text())
+    assert [(p["streams"], p["requests"]) for p in merged["points"]] == [(1, 2), (2, 2), (3, 3)]
+    assert merged["points"][0] == curve["points"][0] and merged["label"] == "again"
+    assert merged["workload"]["points"] == [1, 2, 3]
     pytest.importorskip("matplotlib")
     scaling.main(["--plot", str(tmp_path / "scaling.png"), str(out), str(out)])
     assert (tmp_path / "scaling.png").stat().st_size > 0
