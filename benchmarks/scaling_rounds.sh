@@ -22,13 +22,7 @@ peers=$(cd ../shared/peers && pwd)
 OUT=benchmarks/results
 ADAPTERS=/tmp/ad100
 [ -d "$ADAPTERS" ] || python benchmarks/make_adapters.py -n 100 --ranks 8,16,32,64 --out "$ADAPTERS" || exit 1
-ready() { for t in $(seq 1 900); do curl -s -o /dev/null -w '%{http_code}' "$1/health" | grep -q 200 && return 0; sleep 1; done; return 1; }
-tree() { echo "$1"; for c in $(pgrep -P "$1"); do tree "$c"; done; }
-freeze() { kill -STOP $(tree "$1") 2>/dev/null; }
-thaw() { kill -CONT $(tree "$1") 2>/dev/null; sleep 2; }
-stop_all() { for p in "${PIDS[@]}"; do thaw "$p"; kill $(tree "$p") 2>/dev/null; done; }
-PIDS=()
-trap stop_all EXIT
+. benchmarks/frozen_servers.sh
 curve() {  # url, file, label, workload flags...: one point per call, merged into the file
   local url=$1 file=$2 label=$3; shift 3
   python benchmarks/scaling.py --base-url "$url" --points "$POINT" --per-stream 1 --min-requests 8 \

@@ -21,13 +21,7 @@ peers=$(cd "$(dirname "$0")/../../shared/peers" && pwd)
 OUT=$PEER/side_by_side_rounds.jsonl
 LOAD="$PEER/venv/bin/python $peers/load.py --tokenizer $PEER/smollm2-hf --json_out $OUT"
 RUN_ID=$(date -u +%Y%m%dT%H%M%S)
-ready() { for t in $(seq 1 900); do curl -s -o /dev/null -w '%{http_code}' "$1/health" | grep -q 200 && return 0; sleep 1; done; return 1; }
-tree() { echo "$1"; for c in $(pgrep -P "$1"); do tree "$c"; done; }
-freeze() { kill -STOP $(tree "$1") 2>/dev/null; }
-thaw() { kill -CONT $(tree "$1") 2>/dev/null; sleep 2; }
-stop_all() { for p in "${PIDS[@]}"; do thaw "$p"; kill $(tree "$p") 2>/dev/null; done; }
-PIDS=()
-trap stop_all EXIT
+. "$(dirname "${BASH_SOURCE[0]}")/frozen_servers.sh"
 
 "$peers/serve_vllm.sh" base || exit 1
 vllm=$(cat "$PEER/server.pid"); PIDS+=("$vllm")
