@@ -5,7 +5,7 @@
 # that the host's drift over the run moves all curves alike (as side_by_side_rounds.sh does for
 # the saturating trace).
 #
-#     PEER=/work/peer bash benchmarks/scaling_rounds.sh [POINTS...]     # ~20 minutes
+#     PEER=/work/peer bash benchmarks/scaling_rounds.sh [POINTS...]     # ~15 minutes
 #
 # Points: concurrent streams, default 1 8 32 64 128 256; 64-token prompts, 64 output tokens, one
 # request per stream (at least 8) per point, each point with its own prompts. slserve: 100
