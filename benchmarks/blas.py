@@ -94,7 +94,7 @@ def engine_child(batch: int, steps: int) -> None:
 
     engine = LLM(dtype="float32").engine
     t0 = time.perf_counter()
-    fill(engine, batch, [None], random.Random(0), steps)
+    fill(engine, [None] * batch, random.Random(0), steps)
     prefill = time.perf_counter() - t0
     times = timed_steps(engine, steps)
     print(json.dumps({"prefill_s": prefill, "step_ms": statistics.median(times) * 1e3}))

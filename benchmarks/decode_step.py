@@ -22,11 +22,12 @@ from slserve import LLM, SamplingParams
 from slserve.lora_batch import LoRABatch
 
 
-def fill(engine, batch: int, adapters: list[str | None], rng: random.Random, steps: int) -> list:
+def fill(engine, adapters: list[str | None], rng: random.Random, steps: int) -> list:
+    """One request per entry of `adapters` (64-token prompts), prefilled and two steps decoded."""
     # Enough tokens that nobody finishes during the prefill steps and the timed steps.
     params = SamplingParams(max_tokens=steps + 64, ignore_eos=True, temperature=0)
-    reqs = [engine.add_request([rng.randrange(100, 30000) for _ in range(64)], params, rng.choice(adapters))
-            for _ in range(batch)]
+    reqs = [engine.add_request([rng.randrange(100, 30000) for _ in range(64)], params, adapter)
+            for adapter in adapters]
     while engine.scheduler.waiting or any(r.num_computed < r.num_tokens - 1 for r in reqs):
         engine.step()
     for _ in range(2):  # warm-up decode steps
@@ -58,12 +59,12 @@ def main() -> None:
     names = llm.adapters()[: args.adapters]
     rng = random.Random(args.seed)
 
-    reqs = fill(engine, args.batch, [None], rng, args.steps)
+    reqs = fill(engine, [None] * args.batch, rng, args.steps)
     base = timed_steps(engine, args.steps)
     for r in reqs:
         engine.abort(r.request_id)
 
-    reqs = fill(engine, args.batch, names, rng, args.steps)
+    reqs = fill(engine, [rng.choice(names) for _ in range(args.batch)], rng, args.steps)
     lora_time = [0.0]
     apply = LoRABatch.apply
 
