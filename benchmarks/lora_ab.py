@@ -1,18 +1,23 @@
-"""Two versions of the C++ LoRA op on the same decode step, alternated in one process.
+"""Two versions of the C++ LoRA op on the same step, alternated in one process.
 
     python benchmarks/lora_ab.py --adapter-dir /tmp/ad100 --before REV     # REV's op vs this tree's
 
 A change to kernels/csrc/lora_cpu.cpp moves a server's throughput by a few percent, less than
 this shared host drifts between two runs minutes apart. Here both versions are compiled side by
-side (each under its own op namespace), one real decode step of `--batch` requests over the
-adapters is captured from the engine (its pool, slot tables and every (layer, group) call's
-activations), and the two ops replay those calls in turn, round after round. Their outputs must
-agree bit for bit. Prints the median time per step of each and their ratio, and writes JSON.
+side (each under its own op namespace), one real step is captured from the engine (its pool,
+slot tables and every (layer, group) call's activations): a decode step of `--batch` running
+requests, or with `--phase prefill` the first step of as many new ones (prompt segments). The
+two ops replay those calls in turn, round after round; their outputs must agree bit for bit.
+Prints the median time per step of each and their ratio, and writes JSON. `--phase trace`
+instead replays a whole trace of the side-by-side shape through the engine offline, once per
+version per round, the engine's LoRA op swapped between runs: the change as the engine sees it,
+without HTTP or a load generator sharing the cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import shutil
 import statistics
@@ -25,7 +30,7 @@ import torch
 from bench_json import write_json
 from decode_step import fill
 
-from slserve import LLM
+from slserve import LLM, SamplingParams
 from slserve.lora_batch import LoRABatch
 from slserve.memory.adapter_layout import GROUP_INDEX
 
@@ -57,12 +62,19 @@ def build(source: str, namespace: str, workdir: Path):
     return getattr(torch.ops, namespace).lora_apply
 
 
-def capture(llm: LLM, batch: int, dist: str, seed: int) -> list[tuple]:
-    """One decode step's LoRA calls: (batch state, y before the call, x, layer group index)."""
+def capture(llm: LLM, batch: int, dist: str, seed: int, phase: str) -> list[tuple]:
+    """One step's LoRA calls, (batch state, y before the call, x, the call's slot rows): a decode
+    step of `batch` running requests, or the first prefill step of `batch` new ones."""
     names = llm.adapters()
     rng = random.Random(seed)
     weights = [1 / (i + 1) for i in range(len(names))] if dist == "zipf" else [1] * len(names)
-    fill(llm.engine, rng.choices(names, weights=weights, k=batch), rng, 8)
+    adapters = rng.choices(names, weights=weights, k=batch)
+    if phase == "decode":
+        fill(llm.engine, adapters, rng, 8)
+    else:
+        params = SamplingParams(max_tokens=1, temperature=0)
+        for adapter in adapters:
+            llm.engine.add_request([rng.randrange(100, 30000) for _ in range(64)], params, adapter)
     calls = []
     apply = LoRABatch.apply
 
@@ -86,6 +98,53 @@ def replay(op, calls: list[tuple]) -> tuple[float, list[torch.Tensor]]:
     return time.perf_counter() - t0, ys
 
 
+def trace_tok_s(llm: LLM, op, names: list[str], args, seed: int) -> float:
+    """The side-by-side trace's shape replayed offline with `op` as the engine's LoRA op: --batch
+    requests at Poisson arrivals of --rate per second, 64-token prompts (the prefix cache emptied
+    first), 64 tokens out each, adapters drawn by --dist. Output tokens/s."""
+    rng = random.Random(seed)
+    weights = [1 / (i + 1) for i in range(len(names))] if args.dist == "zipf" else [1] * len(names)
+    adapters = rng.choices(names, weights=weights, k=args.batch)
+    prompts = [[rng.randrange(100, 30000) for _ in range(64)] for _ in range(args.batch)]
+    arrivals = list(itertools.accumulate(rng.expovariate(args.rate) for _ in range(args.batch)))
+    params = SamplingParams(max_tokens=64, ignore_eos=True, temperature=0)
+    engine, backend = llm.engine, llm.engine.runner.backend
+    engine.reset_prefix_cache()  # both versions replay the same prompts
+    backend.lora_op, own = op, backend.lora_op
+    try:
+        t0, sent = time.perf_counter(), 0
+        while sent < args.batch or engine.has_unfinished():
+            now = time.perf_counter() - t0
+            while sent < args.batch and arrivals[sent] <= now:
+                engine.add_request(prompts[sent], params, adapters[sent])
+                sent += 1
+            if engine.has_unfinished():
+                engine.step()
+            else:
+                time.sleep(arrivals[sent] - now)
+        return args.batch * 64 / (time.perf_counter() - t0)
+    finally:
+        backend.lora_op = own
+
+
+def trace_rounds(llm: LLM, ops: dict, args) -> None:
+    names = llm.adapters()
+    trace_tok_s(llm, ops["before"], names, args, seed=-1)  # warm-up: every adapter into the pool
+    tok_s: dict[str, list[float]] = {k: [] for k in ops}
+    for r in range(args.rounds):  # before, after; then after, before: no version always goes first
+        for name in ("before", "after") if r % 2 == 0 else ("after", "before"):
+            tok_s[name].append(trace_tok_s(llm, ops[name], names, args, seed=args.seed + r))
+    med = {k: statistics.median(v) for k, v in tok_s.items()}
+    print(f"the trace offline: {args.batch} requests at {args.rate}/s ({args.dist}), 64 + 64 tokens, "
+          f"{torch.get_num_threads()} threads; output tok/s")
+    for name, rev in (("before", args.before), ("after", args.after or "tree")):
+        label = f"{name} ({rev})"
+        print(f"{label:24} {med[name]:>8.1f}   " + " ".join(f"{t:.1f}" for t in tok_s[name]))
+    print(f"after / before (median of per-round ratios): "
+          f"{statistics.median(a / b for a, b in zip(tok_s['after'], tok_s['before'], strict=True)):.3f}")
+    write_json(args.out, {"args": vars(args), "threads": torch.get_num_threads(), "out_tok_s": tok_s})
+
+
 def weight_bytes(calls: list[tuple]) -> int:
     """Bytes of adapter weights the step's calls read: every A and B^T once."""
     total = 0
@@ -101,7 +160,9 @@ def main() -> None:
     ap.add_argument("--adapter-dir", required=True)
     ap.add_argument("--before", default="HEAD", help="git revision of the first version")
     ap.add_argument("--after", default=None, help="git revision of the second (default: the tree as it is)")
-    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--phase", choices=["decode", "prefill", "trace"], default="decode")
+    ap.add_argument("--rate", type=float, default=32.0, help="--phase trace: requests per second")
+    ap.add_argument("--batch", type=int, default=256, help="requests (64-token prompts)")
     ap.add_argument("--dist", choices=["uniform", "zipf"], default="zipf")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--reps", type=int, default=3, help="replays per version per round (median kept)")
@@ -113,7 +174,9 @@ def main() -> None:
         ops = {"before": build(source_at(args.before), "slserve_ab_before", Path(tmp)),
                "after": build(source_at(args.after), "slserve_ab_after", Path(tmp))}
     llm = LLM(adapter_dir=args.adapter_dir, preload_adapters=True)
-    calls = capture(llm, args.batch, args.dist, args.seed)
+    if args.phase == "trace":
+        return trace_rounds(llm, ops, args)
+    calls = capture(llm, args.batch, args.dist, args.seed, args.phase)
     state = calls[0][0]
     _, reference = replay(ops["before"], calls)
     _, other = replay(ops["after"], calls)
@@ -125,8 +188,10 @@ def main() -> None:
             times[name].append(statistics.median(replay(op, calls)[0] for _ in range(args.reps)))
     nbytes = weight_bytes(calls)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"one decode step: {args.batch} requests ({args.dist}) over {len(state.bounds)} adapters, "
-          f"{len(calls)} calls, {nbytes / 1e6:.0f} MB of adapter weights, {torch.get_num_threads()} threads")
+    rows = calls[0][2].shape[0]
+    print(f"one {args.phase} step: {rows} rows of {args.batch} requests ({args.dist}), "
+          f"{len(state.bounds)} segments, {len(calls)} calls, {nbytes / 1e6:.0f} MB of adapter weights, "
+          f"{torch.get_num_threads()} threads")
     print(f"{'version':24} {'median ms':>10} {'GB/s':>6}   rounds (ms)")
     for name, rev in (("before", args.before), ("after", args.after or "tree")):
         runs = " ".join(f"{t * 1e3:.1f}" for t in times[name])
