@@ -31,6 +31,8 @@ from bench_json import write_json
 from decode_step import fill
 
 from slserve import LLM, SamplingParams
+from slserve.config import cpu_march
+from slserve.kernels.cpu_ext import build_flags
 from slserve.lora_batch import LoRABatch
 from slserve.memory.adapter_layout import GROUP_INDEX
 
@@ -58,17 +60,21 @@ def build(source: str, namespace: str, workdir: Path):
     from torch.utils.cpp_extension import load
 
     load(name=namespace, sources=[str(d / "lora_cpu.cpp")], is_python_module=False,
-         extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], build_directory=str(d))
+         extra_cflags=build_flags(cpu_march()), build_directory=str(d))
     return getattr(torch.ops, namespace).lora_apply
+
+
+def draw_adapters(names: list[str], dist: str, n: int, rng: random.Random) -> list[str]:
+    """n requests' adapters: uniform, or zipf (the i-th adapter weighted 1 / (i + 1), as load.py)."""
+    weights = [1 / (i + 1) for i in range(len(names))] if dist == "zipf" else [1] * len(names)
+    return rng.choices(names, weights=weights, k=n)
 
 
 def capture(llm: LLM, batch: int, dist: str, seed: int, phase: str) -> list[tuple]:
     """One step's LoRA calls, (batch state, y before the call, x, the call's slot rows): a decode
     step of `batch` running requests, or the first prefill step of `batch` new ones."""
-    names = llm.adapters()
     rng = random.Random(seed)
-    weights = [1 / (i + 1) for i in range(len(names))] if dist == "zipf" else [1] * len(names)
-    adapters = rng.choices(names, weights=weights, k=batch)
+    adapters = draw_adapters(llm.adapters(), dist, batch, rng)
     if phase == "decode":
         fill(llm.engine, adapters, rng, 8)
     else:
@@ -103,8 +109,7 @@ def trace_tok_s(llm: LLM, op, names: list[str], args, seed: int) -> float:
     requests at Poisson arrivals of --rate per second, 64-token prompts (the prefix cache emptied
     first), 64 tokens out each, adapters drawn by --dist. Output tokens/s."""
     rng = random.Random(seed)
-    weights = [1 / (i + 1) for i in range(len(names))] if args.dist == "zipf" else [1] * len(names)
-    adapters = rng.choices(names, weights=weights, k=args.batch)
+    adapters = draw_adapters(names, args.dist, args.batch, rng)
     prompts = [[rng.randrange(100, 30000) for _ in range(64)] for _ in range(args.batch)]
     arrivals = list(itertools.accumulate(rng.expovariate(args.rate) for _ in range(args.batch)))
     params = SamplingParams(max_tokens=64, ignore_eos=True, temperature=0)

@@ -268,10 +268,11 @@ using namespace slserve::bf16;
 // Each pass over a weight matrix prefetches as many bytes of what comes next as it reads: the
 // next pass's rows, and during the last pass the start of `after`, the matrix read next. The
 // hardware prefetchers alone stall at every one of the thousands of small matrices a step reads.
-// The lines go to L2 only, and kLead bytes further on than the rows they are named by: an L1
-// prefetch holds one of L1's few miss buffers until its line arrives, which capped a core's
-// stream well below what it reads from memory otherwise. On a captured 256-row decode step
-// (1.3-1.6 GB of adapter weights) this took 6-22% off the op's time (benchmarks/lora_ab.py).
+// The lines go to L2 only, and kLead bytes further on than the rows they are named by (the first
+// kLead bytes of the next matrix are left to the hardware): an L1 prefetch holds one of L1's few
+// miss buffers until its line arrives, which capped a core's stream well below what it reads
+// from memory otherwise. On a captured 256-row decode step (1.3-1.6 GB of adapter weights) this
+// took a quarter off the op's time (benchmarks/lora_ab.py; leads of 1-4 KiB measured alike).
 constexpr int64_t kLead = 2048;
 inline void prefetch_ahead(const void* p) { prefetch_l2(static_cast<const char*>(p) + kLead); }
 
