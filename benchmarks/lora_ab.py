@@ -17,7 +17,6 @@ without HTTP or a load generator sharing the cores.
 from __future__ import annotations
 
 import argparse
-import itertools
 import random
 import shutil
 import statistics
@@ -29,6 +28,8 @@ from pathlib import Path
 import torch
 from bench_json import write_json
 from decode_step import fill
+from trace_replay import Trace, draw_adapters
+from trace_replay import replay as replay_trace
 
 from slserve import LLM, SamplingParams
 from slserve.config import cpu_march
@@ -62,12 +63,6 @@ def build(source: str, namespace: str, workdir: Path):
     load(name=namespace, sources=[str(d / "lora_cpu.cpp")], is_python_module=False,
          extra_cflags=build_flags(cpu_march()), build_directory=str(d))
     return getattr(torch.ops, namespace).lora_apply
-
-
-def draw_adapters(names: list[str], dist: str, n: int, rng: random.Random) -> list[str]:
-    """n requests' adapters: uniform, or zipf (the i-th adapter weighted 1 / (i + 1), as load.py)."""
-    weights = [1 / (i + 1) for i in range(len(names))] if dist == "zipf" else [1] * len(names)
-    return rng.choices(names, weights=weights, k=n)
 
 
 def capture(llm: LLM, batch: int, dist: str, seed: int, phase: str) -> list[tuple]:
@@ -105,29 +100,14 @@ def replay(op, calls: list[tuple]) -> tuple[float, list[torch.Tensor]]:
 
 
 def trace_tok_s(llm: LLM, op, names: list[str], args, seed: int) -> float:
-    """The side-by-side trace's shape replayed offline with `op` as the engine's LoRA op: --batch
-    requests at Poisson arrivals of --rate per second, 64-token prompts (the prefix cache emptied
-    first), 64 tokens out each, adapters drawn by --dist. Output tokens/s."""
-    rng = random.Random(seed)
-    adapters = draw_adapters(names, args.dist, args.batch, rng)
-    prompts = [[rng.randrange(100, 30000) for _ in range(64)] for _ in range(args.batch)]
-    arrivals = list(itertools.accumulate(rng.expovariate(args.rate) for _ in range(args.batch)))
-    params = SamplingParams(max_tokens=64, ignore_eos=True, temperature=0)
-    engine, backend = llm.engine, llm.engine.runner.backend
-    engine.reset_prefix_cache()  # both versions replay the same prompts
+    """The side-by-side trace's shape replayed offline (trace_replay.py) with `op` as the engine's
+    LoRA op: --batch requests at Poisson arrivals of --rate per second, adapters drawn by --dist.
+    Output tokens/s."""
+    trace = Trace.draw(seed, args.batch, args.rate, names, args.dist)
+    backend = llm.engine.runner.backend
     backend.lora_op, own = op, backend.lora_op
     try:
-        t0, sent = time.perf_counter(), 0
-        while sent < args.batch or engine.has_unfinished():
-            now = time.perf_counter() - t0
-            while sent < args.batch and arrivals[sent] <= now:
-                engine.add_request(prompts[sent], params, adapters[sent])
-                sent += 1
-            if engine.has_unfinished():
-                engine.step()
-            else:
-                time.sleep(arrivals[sent] - now)
-        return args.batch * 64 / (time.perf_counter() - t0)
+        return trace.output_tokens / replay_trace(llm.engine, trace)
     finally:
         backend.lora_op = own
 
