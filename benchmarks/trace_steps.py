@@ -4,9 +4,11 @@
     python benchmarks/trace_steps.py --adapter-dir /tmp/ad100          # 100 adapters, zipf
 
 Replays the trace's shape offline (trace_replay.py: 256 requests at 32/s, 64 + 64 tokens) and
-records every step: its prompt rows, decode rows, distinct adapters and duration. Then one more
-replay under torch's profiler gives the time per kind of op, and a bfloat16 matmul of the
-projections' shapes, timed in the same process, gives the rate these cores reach. Prints:
+records every step: its prompt rows, one-token rows (decode, or a prompt's last chunk of one),
+distinct adapters, duration and the forward pass's share. One more replay under torch's profiler
+gives the time per kind of op. The same matmuls are timed alone in the same process before,
+between and after the replays (the host's load moves them by 10-20% within minutes; the best
+is kept). Prints:
   - steps with prompt rows against decode-only steps: rows, seconds, ms per row;
   - the time per kind of op (projections and head, attention, LoRA, the rest);
   - the projections' and head's arithmetic (2 x weights per row; the head only for rows that
@@ -33,7 +35,7 @@ OP_KINDS = (("projections and head", ("linear", "mm")), ("attention", ("attentio
 
 
 def weights_per_row(cfg) -> tuple[int, int]:
-    """(weights of the 30 layers' projections, of the lm_head) that one row multiplies."""
+    """(weights of all layers' projections, of the lm_head) that one row multiplies."""
     h, kv = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim
     q = cfg.num_heads * cfg.head_dim
     layer = h * q + 2 * h * kv + q * h + 3 * h * cfg.intermediate_size
