@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from slserve import SamplingParams
+
 
 def draw_adapters(names: list[str], dist: str, n: int, rng: random.Random) -> list[str]:
     """n requests' adapters: uniform, or zipf (the i-th adapter weighted 1 / (i + 1), as load.py)."""
@@ -45,8 +47,6 @@ def replay(engine, trace: Trace, on_step: Callable[[float], None] | None = None)
     """Run `trace` through `engine` in real time (each request added once its arrival time has
     passed, the prefix cache emptied first); seconds from the start until the last token.
     `on_step(seconds)` is called after every step with that step's duration."""
-    from slserve import SamplingParams
-
     params = SamplingParams(max_tokens=trace.output_len, ignore_eos=True, temperature=0)
     engine.reset_prefix_cache()  # repeated replays of the same prompts must not hit it
     n = len(trace.prompts)

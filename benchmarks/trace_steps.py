@@ -34,15 +34,21 @@ OP_KINDS = (("projections and head", ("linear", "mm")), ("attention", ("attentio
             ("LoRA", ("lora",)))
 
 
+def projection_shapes(cfg) -> tuple[tuple[int, int], ...]:
+    """(out, in) of one layer's projections as the engine fuses them: qkv, o, gate+up, down."""
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return (q + 2 * kv, h), (h, q), (2 * inter, h), (h, inter)
+
+
 def weights_per_row(cfg) -> tuple[int, int]:
     """(weights of all layers' projections, of the lm_head) that one row multiplies."""
-    h, kv = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim
-    q = cfg.num_heads * cfg.head_dim
-    layer = h * q + 2 * h * kv + q * h + 3 * h * cfg.intermediate_size
-    return cfg.num_layers * layer, cfg.vocab_size * h
+    return cfg.num_layers * sum(n * k for n, k in projection_shapes(cfg)), cfg.vocab_size * cfg.hidden_size
 
 
 def best_seconds(fn, reps: int = 3) -> float:
+    """The fastest of `reps` calls after one warm-up: the rate the cores reach when the host
+    lets them (lora_ops.bench's median would fold the host's load into the floor)."""
     fn()
     best = float("inf")
     for _ in range(reps):
@@ -56,9 +62,7 @@ def matmul_rates(cfg, rows: int) -> dict[str, float]:
     """bfloat16 GFLOP/s at `rows` rows, weights packed as the engine packs them (model/layers.py
     `dense`): every layer's four projections in turn, each layer with weights of its own as in
     the model (so they come from memory, not from the previous call's cache), and the lm_head."""
-    h, inter = cfg.hidden_size, cfg.intermediate_size
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    shapes = ((q + 2 * kv, h), (h, q), (2 * inter, h), (h, inter))  # qkv, o, gate+up, down
+    h, shapes = cfg.hidden_size, projection_shapes(cfg)
     layers = [[dense(torch.randn(n, k, dtype=torch.bfloat16) * 0.02) for n, k in shapes]
               for _ in range(cfg.num_layers)]
     xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for _, k in shapes}
@@ -70,7 +74,7 @@ def matmul_rates(cfg, rows: int) -> dict[str, float]:
 
     head = dense(torch.randn(cfg.vocab_size, h, dtype=torch.bfloat16) * 0.02)
     x = xs[h]
-    flops = 2 * rows * cfg.num_layers * sum(n * k for n, k in shapes)
+    flops = 2 * rows * weights_per_row(cfg)[0]
     return {"projections": flops / best_seconds(decoder) / 1e9,
             "head": 2 * rows * cfg.vocab_size * h / best_seconds(lambda: head(x)) / 1e9}
 
